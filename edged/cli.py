@@ -1,0 +1,176 @@
+"""The ``edged`` command line. The only place that calls ``sys.exit``.
+
+Exit codes: 0 success, 1 runtime failure (peer unreachable, some files not stored), 2 bad usage or
+bad configuration (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from edged import config as config_mod
+from edged import logs
+from edged.errors import ConfigError, EdgedError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+edged receives images from scanners over DICOM (C-STORE), keeps every image it acknowledged on disk
+and in its journal, runs CNN engines on them and sends the findings to the PACS.
+
+Configuration: one TOML file given with --config or $EDGED_CONFIG; every key has a default, so
+'edged serve' alone runs (listening on port 11112, AE title EDGED). 'edged config show' prints
+the effective configuration.
+"""
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, metavar="FILE",
+                   help=f"configuration file (default: ${config_mod.ENV_CONFIG}, else built-in defaults)")
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edged", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("serve", help="run the daemon (DICOM listener)",
+                       description="Run the daemon in the foreground until SIGTERM or SIGINT. "
+                                   "A second signal skips the graceful wait.")
+    _add_config_arg(p)
+
+    p = sub.add_parser("config", help="check or show the configuration")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    pc = csub.add_parser("check", help="validate a configuration file (exit 2 on error)")
+    pc.add_argument("file", type=Path, metavar="FILE")
+    ps = csub.add_parser("show", help="print the effective configuration as TOML")
+    _add_config_arg(ps)
+
+    p = sub.add_parser("status", help="counts from the journal (works while the daemon runs)")
+    _add_config_arg(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+    p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--aet", default="EDGED", help="calling AE title (default: EDGED)")
+    p.add_argument("--aec", default="ANY-SCP", help="called AE title (default: ANY-SCP)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
+
+    p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--to", required=True, type=_hostport, metavar="HOST:PORT")
+    p.add_argument("--aet", default="EDGED", help="calling AE title (default: EDGED)")
+    p.add_argument("--aec", default="ANY-SCP", help="called AE title (default: ANY-SCP)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds (default: 60)")
+    return parser
+
+
+def _load(path: Path | None) -> config_mod.Config:
+    return config_mod.load(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edged.daemon import Daemon
+
+    cfg = _load(args.config)
+    logs.setup(cfg.daemon.log_level)
+    Daemon(cfg).run()
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "check":
+        _load(args.file)
+        print(f"{args.file}: ok")
+        return EXIT_OK
+    print(config_mod.to_toml(_load(args.config)), end="")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edged.spool.journal import read_counts
+
+    cfg = _load(args.config)
+    counts = read_counts(cfg.storage.dir)
+    if args.json:
+        print(json.dumps(counts, sort_keys=True))
+        return EXIT_OK
+    print(f"storage: {cfg.storage.dir}")
+    for group, states in counts.items():
+        total = sum(states.values())
+        detail = ", ".join(f"{s} {n}" for s, n in states.items())
+        print(f"{group}: {total} ({detail})")
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from edged.dicom.scu import echo
+
+    code = echo(args.host, args.port, aet=args.aet, aec=args.aec, timeout=args.timeout)
+    print(f"C-ECHO {args.host}:{args.port}: status 0x{code:04X}")
+    return EXIT_OK if code == 0 else EXIT_FAILURE
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from edged.dicom.scu import send
+
+    host, port = args.to
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty:
+            width = 30
+            filled = width * done // max(total, 1)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    outcomes = send(args.paths, host, port, aet=args.aet, aec=args.aec, timeout=args.timeout, progress=progress)
+    total = sum(outcomes.values())
+    print(f"sent {total} file(s) to {host}:{port}")
+    for key, n in sorted(outcomes.items()):
+        label = {"0x0000": "success"}.get(key, key)
+        print(f"  {key:>12}  {n}  {label if label != key else ''}".rstrip())
+    return EXIT_OK if total and outcomes.get("0x0000", 0) == total else EXIT_FAILURE
+
+
+COMMANDS = {"serve": cmd_serve, "config": cmd_config, "status": cmd_status, "echo": cmd_echo, "send": cmd_send}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"edged: config error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except EdgedError as exc:
+        logging.getLogger("edged").debug("command failed", exc_info=True)
+        print(f"edged: {exc}", file=sys.stderr)
+        code = EXIT_FAILURE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,93 @@
+"""The daemon: start-up, the main loop and an ordered shutdown.
+
+Start-up opens the journal, reconciles the spool with it (a crash may have left temp files or files
+that were never acknowledged), then binds the listener. Signal handlers only set a flag (as uvicorn's
+server does); the main loop notices it and shuts down in order: stop accepting, let running
+associations finish within ``[daemon] shutdown_timeout``, abort what is left, close the journal.
+A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from edged import logs
+from edged.config import Config
+from edged.dicom.scp import Listener, StoreHandler
+from edged.metrics import Metrics
+from edged.spool.journal import Journal
+from edged.spool.store import Spool
+
+log = logging.getLogger("edged.daemon")
+
+
+class Daemon:
+    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.should_exit = threading.Event()
+        self.force_exit = False
+        self.journal: Journal | None = None
+        self.listener: Listener | None = None
+
+    # -- signals ------------------------------------------------------------------------------------
+
+    def handle_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.should_exit.is_set():
+            self.force_exit = True
+        self.should_exit.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle_signal)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        storage = self.cfg.storage
+        spool = Spool(storage.dir)
+        self.journal = Journal.open(storage.dir)
+        report = spool.reconcile(self.journal.instance_paths())
+        flagged = self.journal.mark_missing(report.missing)
+        logs.event(log, logging.WARNING if (report.removed_unrecorded or flagged) else logging.INFO,
+                   "spool.reconciled", removed_temp=report.removed_temp,
+                   removed_unacknowledged=report.removed_unrecorded, missing_files=flagged,
+                   pending=self.journal.pending)
+        handler = StoreHandler(spool, self.journal, self.cfg.dicom, min_free_bytes=storage.min_free_bytes,
+                               max_pending=storage.max_pending, metrics=self.metrics)
+        self.listener = Listener(self.cfg.dicom, handler)
+        self.listener.start()
+        host, port = self.listener.address
+        logs.event(log, logging.INFO, "listening", host=host, port=port, ae_title=self.cfg.dicom.ae_title,
+                   tls=self.cfg.dicom.tls.enabled, storage=str(storage.dir))
+
+    def main_loop(self) -> None:
+        while not self.should_exit.wait(0.5):
+            pass
+
+    def shutdown(self) -> None:
+        logs.event(log, logging.INFO, "shutdown.begin")
+        if self.listener is not None:
+            self.listener.stop_accepting()
+            deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout
+            while self.listener.active() and not self.force_exit and time.monotonic() < deadline:
+                time.sleep(0.05)
+            aborted = self.listener.abort_all()
+            if aborted:
+                logs.event(log, logging.WARNING, "shutdown.aborted_associations", count=aborted)
+        if self.journal is not None:
+            self.journal.close()
+        logs.event(log, logging.INFO, "shutdown.complete")
+
+    def run(self) -> None:
+        """Start, serve until a signal arrives, shut down. Raises EdgedError if start-up fails."""
+        self.install_signal_handlers()
+        try:
+            self.startup()
+            self.main_loop()
+        finally:
+            self.shutdown()

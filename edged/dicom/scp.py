@@ -1,0 +1,348 @@
+"""The DICOM listener: Verification and Storage SCP on pynetdicom.
+
+The C-STORE handler persists and answers, nothing more: the dataset's bytes as received (with file
+meta) go to a temp file in the spool, are fsynced and renamed to their final name, the directory is
+fsynced, the instance is committed to the journal, and only then is Success (0x0000) returned. It never
+decodes pixel data, never runs a model and never talks to the PACS.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from edged import logs
+from edged.config import DicomConfig
+from edged.dicom import status
+from edged.dicom.header import HeaderError, read_header
+from edged.errors import EdgedError, JournalError, OutOfResourcesError
+from edged.metrics import Metrics
+from edged.spool.journal import InstanceRecord, Journal
+from edged.spool.store import Spool
+
+log = logging.getLogger("edged.scp")
+
+#: Transfer syntaxes accepted for every storage SOP class, in order of preference.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_UID_LOCK_STRIPES = 64
+
+
+@dataclass
+class _AssocStats:
+    """Per-association counters for the one log line written when it ends."""
+
+    number: int
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class StoreHandler:
+    """Event handlers for the listener. Shared by all association threads."""
+
+    def __init__(self, spool: Spool, journal: Journal, cfg: DicomConfig, *, min_free_bytes: int,
+                 max_pending: int, metrics: Metrics) -> None:
+        self.spool = spool
+        self.journal = journal
+        self.cfg = cfg
+        self.min_free_bytes = min_free_bytes
+        self.max_pending = max_pending
+        self.metrics = metrics
+        self._uid_locks = [threading.Lock() for _ in range(_UID_LOCK_STRIPES)]
+        self._assoc_seq = 0
+        self._seq_lock = threading.Lock()
+        self._stats: weakref.WeakKeyDictionary[Any, _AssocStats] = weakref.WeakKeyDictionary()
+
+    # -- association events ----------------------------------------------------------------------
+
+    def _stats_for(self, assoc: Any) -> _AssocStats:
+        stats = self._stats.get(assoc)
+        if stats is None:
+            with self._seq_lock:
+                self._assoc_seq += 1
+                stats = self._stats.setdefault(assoc, _AssocStats(self._assoc_seq))
+        return stats
+
+    @staticmethod
+    def _peer(assoc: Any) -> str:
+        return f"{assoc.requestor.address}:{assoc.requestor.port}"
+
+    def on_established(self, event: evt.Event) -> None:
+        self.metrics.associations.labels("accepted").inc()
+        stats = self._stats_for(event.assoc)
+        logs.event(log, logging.INFO, "association.established", assoc=stats.number,
+                   peer=self._peer(event.assoc), calling_ae=event.assoc.requestor.ae_title,
+                   called_ae=event.assoc.acceptor.ae_title)
+
+    def on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title
+        called = assoc.requestor.primitive.called_ae_title if assoc.requestor.primitive else ""
+        allowed = self.cfg.allowed_calling_aes
+        if allowed and calling not in [a.strip() for a in allowed]:
+            reason = "calling_ae"
+        elif called != self.cfg.ae_title.strip():
+            reason = "called_ae"
+        elif len([a for a in assoc.ae.active_associations if a.is_acceptor]) > assoc.ae.maximum_associations:
+            reason = "busy"
+        else:
+            reason = "other"
+        self.metrics.associations.labels(f"rejected:{reason}").inc()
+        logs.event(log, logging.WARNING, "association.rejected", reason=reason, peer=self._peer(assoc),
+                   calling_ae=calling, called_ae=called)
+
+    def _on_end(self, event: evt.Event, how: str) -> None:
+        stats = self._stats.pop(event.assoc, None)
+        if stats is None:  # ended before it was established (e.g. rejected)
+            return
+        logs.event(log, logging.INFO if how == "released" else logging.WARNING, f"association.{how}",
+                   assoc=stats.number, peer=self._peer(event.assoc), stored=stats.stored,
+                   duplicates=stats.duplicates, failed=stats.failed, bytes=stats.bytes,
+                   seconds=time.monotonic() - stats.started)
+
+    def on_released(self, event: evt.Event) -> None:
+        self._on_end(event, "released")
+
+    def on_aborted(self, event: evt.Event) -> None:
+        self._on_end(event, "aborted")
+
+    def on_echo(self, event: evt.Event) -> int:
+        return status.SUCCESS
+
+    # -- C-STORE -----------------------------------------------------------------------------------
+
+    def _fail(self, stats: _AssocStats, code: int, comment: str, **fields: Any) -> Dataset:
+        stats.failed += 1
+        name = status.NAMES[code]
+        self.metrics.instances_received.labels(name).inc()
+        logs.event(log, logging.WARNING, "store.failed", assoc=stats.number, status=f"0x{code:04X}",
+                   reason=name, detail=comment, **fields)
+        return _failure(code, comment)
+
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        t0 = time.perf_counter()
+        try:
+            return self._store(event)
+        finally:
+            self.metrics.store_seconds.observe(time.perf_counter() - t0)
+
+    def _store(self, event: evt.Event) -> int | Dataset:
+        stats = self._stats_for(event.assoc)
+        context = event.context
+        sop_class = str(context.abstract_syntax)
+        stream: memoryview = event.request.DataSet.getbuffer()
+        try:
+            return self._store_stream(event, stats, stream, sop_class)
+        finally:
+            stream.release()
+
+    def _store_stream(self, event: evt.Event, stats: _AssocStats, stream: memoryview, sop_class: str) -> int | Dataset:
+        ts = str(event.context.transfer_syntax)
+        try:
+            header = read_header(stream, ts)
+        except HeaderError as exc:
+            return self._fail(stats, status.CANNOT_DECODE, exc.reason, sop_class=sop_class)
+        if not header.sop_instance_uid:
+            return self._fail(stats, status.NO_SOP_INSTANCE_UID, "dataset has no SOP Instance UID",
+                              sop_class=sop_class)
+        if header.sop_class_uid != sop_class:
+            return self._fail(stats, status.DATASET_MISMATCH,
+                              "SOP Class UID differs from the presentation context", sop_class=sop_class)
+        if header.sop_instance_uid != str(event.request.AffectedSOPInstanceUID or "").strip("\x00 "):
+            return self._fail(stats, status.DATASET_MISMATCH,
+                              "SOP Instance UID differs from the C-STORE request", sop_class=sop_class)
+
+        uid = header.sop_instance_uid
+        with self._uid_locks[hash(uid) % _UID_LOCK_STRIPES]:
+            try:
+                if self.journal.has_instance(uid):
+                    stats.duplicates += 1
+                    self.metrics.instances_received.labels("duplicate").inc()
+                    return status.SUCCESS
+                self._check_resources(len(stream))
+            except OutOfResourcesError as exc:
+                return self._fail(stats, status.OUT_OF_RESOURCES, exc.reason, resource=exc.resource)
+            except JournalError:
+                return self._fail(stats, status.OUT_OF_RESOURCES, "journal unavailable", resource="journal")
+            return self._persist(event, stats, stream, header, ts)
+
+    def _check_resources(self, size: int) -> None:
+        if self.journal.pending >= self.max_pending:
+            raise OutOfResourcesError("pending", "too many instances waiting to be processed")
+        if self.spool.free_bytes() - size < self.min_free_bytes:
+            raise OutOfResourcesError("disk", "free disk space below the configured minimum")
+
+    def _persist(self, event: evt.Event, stats: _AssocStats, stream: memoryview, header: Any, ts: str) -> int | Dataset:
+        meta = _PREAMBLE + encode_file_meta(event.file_meta)
+        relpath = self.spool.relpath_for(header.sop_instance_uid)
+        size = len(meta) + len(stream)
+        try:
+            tmp = self.spool.write_temp(meta, stream)
+        except OSError as exc:
+            return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
+                              resource="disk", errno=exc.errno)
+        try:
+            self.spool.commit(tmp, relpath)
+        except OSError as exc:
+            self.spool.discard(tmp)
+            return self._fail(stats, status.OUT_OF_RESOURCES, "spool rename failed",
+                              resource="disk", errno=exc.errno)
+        record = InstanceRecord(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            modality=header.modality,
+            transfer_syntax_uid=ts,
+            size_bytes=size,
+            calling_ae=event.assoc.requestor.ae_title,
+            path=relpath,
+        )
+        try:
+            self.journal.add_instance(record)
+        except JournalError:
+            # Not acknowledged, so not kept: the spool never holds a file the journal doesn't know.
+            self.spool.remove(relpath)
+            return self._fail(stats, status.OUT_OF_RESOURCES, "journal unavailable", resource="journal")
+        stats.stored += 1
+        stats.bytes += size
+        self.metrics.instances_received.labels("success").inc()
+        self.metrics.bytes_received.inc(size)
+        return status.SUCCESS
+
+
+def _tls_context(cfg: DicomConfig) -> ssl.SSLContext | None:
+    tls = cfg.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        if tls.ca is not None:
+            ctx.load_verify_locations(str(tls.ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise EdgedError(f"dicom.tls: cannot load certificate, key or CA: {exc}") from None
+    return ctx
+
+
+def build_ae(cfg: DicomConfig) -> AE:
+    """An application entity supporting Verification and every storage SOP class."""
+    ae = AE(ae_title=cfg.ae_title)
+    ae.maximum_associations = cfg.max_associations
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.acse_timeout = cfg.acse_timeout
+    ae.dimse_timeout = cfg.dimse_timeout
+    ae.network_timeout = cfg.network_timeout
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(cfg.allowed_calling_aes)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    return ae
+
+
+class Listener:
+    """The listening DICOM server. :meth:`start` binds; :meth:`stop` shuts down in order."""
+
+    def __init__(self, cfg: DicomConfig, handler: StoreHandler) -> None:
+        self.cfg = cfg
+        self.handler = handler
+        self.ae = build_ae(cfg)
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise EdgedError("listener not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        h = self.handler
+        handlers = [
+            (evt.EVT_C_ECHO, h.on_echo),
+            (evt.EVT_C_STORE, h.on_store),
+            (evt.EVT_ESTABLISHED, h.on_established),
+            (evt.EVT_REJECTED, h.on_rejected),
+            (evt.EVT_RELEASED, h.on_released),
+            (evt.EVT_ABORTED, h.on_aborted),
+        ]
+        try:
+            self._server = self.ae.start_server(
+                (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
+                ssl_context=_tls_context(self.cfg),
+            )
+        except OSError as exc:
+            raise EdgedError(
+                f"dicom: cannot listen on {self.cfg.host}:{self.cfg.port}: {exc.strerror or exc}"
+            ) from None
+
+    def active(self) -> int:
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; established associations go on."""
+        if self._server is not None:
+            self._server.shutdown()
+
+    def abort_all(self) -> int:
+        if self._server is None:
+            return 0
+        assocs = list(self._server.active_associations)
+        for a in assocs:
+            a.abort()
+        return len(assocs)

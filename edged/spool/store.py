@@ -1,0 +1,165 @@
+"""The spool: received instances as files, written so that a crash never leaves a partial file.
+
+Layout under the storage dir::
+
+    spool/tmp/        files being written (anything here at start is a leftover and is removed)
+    spool/instances/  complete files, named from a hash of the SOP Instance UID
+
+A write goes to a temp file, is fsynced, renamed to its final name and the directory is fsynced: after
+:meth:`Spool.commit` returns, the file and its name survive a power loss. File names are the SHA-256 of
+the SOP Instance UID, so they are safe whatever the sender put in the UID and carry no identifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from edged.errors import SpoolError
+
+SPOOL_DIR = "spool"
+INSTANCES_DIR = "instances"
+TMP_DIR = "tmp"
+TMP_SUFFIX = ".part"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dir(path: Path) -> None:
+    """Create ``path`` (and parents) durably: each new directory's parent is fsynced."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o750, exist_ok=True)
+        _fsync_dir(d.parent)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What start-up reconciliation found and did."""
+
+    removed_temp: int
+    removed_unrecorded: int
+    missing: list[str]
+
+
+class Spool:
+    """Durable file store for received instances, rooted at ``storage_dir``."""
+
+    def __init__(self, storage_dir: Path) -> None:
+        self.storage_dir = storage_dir
+        self.root = storage_dir / SPOOL_DIR
+        self.instances = self.root / INSTANCES_DIR
+        self.tmp = self.root / TMP_DIR
+        try:
+            _make_dir(self.instances)
+            _make_dir(self.tmp)
+        except OSError as exc:
+            raise SpoolError(self.root, f"cannot create directory: {exc.strerror or exc}") from None
+        self._counter = 0
+        self._counter_lock = threading.Lock()
+
+    @staticmethod
+    def relpath_for(sop_instance_uid: str) -> str:
+        """The spool path (relative to the storage dir) for an instance: a hash, never the UID itself."""
+        digest = hashlib.sha256(sop_instance_uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+        return f"{SPOOL_DIR}/{INSTANCES_DIR}/{digest}.dcm"
+
+    def path(self, relpath: str) -> Path:
+        return self.storage_dir / relpath
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def write_temp(self, *parts: bytes | memoryview) -> Path:
+        """Write ``parts`` one after the other to a new temp file and fsync it.
+
+        The caller then commits (:meth:`commit`) or discards (:meth:`discard`) the file.
+        """
+        with self._counter_lock:
+            self._counter += 1
+            n = self._counter
+        tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}{TMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            views = [memoryview(p) for p in parts if len(p)]
+            while views:
+                written = os.writev(fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self.discard(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def commit(self, tmp: Path, relpath: str) -> Path:
+        """Rename a written temp file to its final name and fsync the directory."""
+        final = self.storage_dir / relpath
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def discard(self, tmp: Path) -> None:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def remove(self, relpath: str) -> None:
+        """Remove a committed file (used when its journal row could not be written)."""
+        try:
+            (self.storage_dir / relpath).unlink()
+            _fsync_dir(self.instances)
+        except FileNotFoundError:
+            pass
+
+    def reconcile(self, recorded: set[str]) -> ReconcileReport:
+        """Make spool and journal agree after a crash.
+
+        Temp files are removed. Complete files with no journal row were never acknowledged (the row is
+        committed before Success is sent), so they are removed too: the sender will resend them.
+        Recorded paths whose file is gone are returned so the journal can flag them.
+        """
+        removed_temp = 0
+        for p in self.tmp.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed_temp += 1
+        on_disk: set[str] = set()
+        removed_unrecorded = 0
+        prefix = f"{SPOOL_DIR}/{INSTANCES_DIR}/"
+        for p in self.instances.iterdir():
+            rel = prefix + p.name
+            if rel in recorded:
+                on_disk.add(rel)
+            else:
+                p.unlink(missing_ok=True)
+                removed_unrecorded += 1
+        if removed_temp:
+            _fsync_dir(self.tmp)
+        if removed_unrecorded:
+            _fsync_dir(self.instances)
+        missing = sorted(r for r in recorded if r.startswith(prefix) and r not in on_disk)
+        return ReconcileReport(removed_temp, removed_unrecorded, missing)
