@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 from io import BytesIO
 
 from pydicom.filereader import read_dataset
@@ -37,8 +39,27 @@ class Header:
     modality: str
 
 
-def _stop(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag >= _PIXEL_DATA
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class _Truncated(Exception):
+    def __init__(self, tag: BaseTag) -> None:
+        self.tag = tag
+
+
+def _stop_at_pixels(fp: BytesIO, total: int) -> Callable[[BaseTag, "str | None", int], bool]:
+    """A ``stop_when`` for pydicom that also refuses a top-level element running past the end.
+
+    pydicom reads a value shorter than its declared length without complaint; a truncated dataset
+    must be refused rather than stored as if complete. Pixel Data's length is checked too.
+    """
+
+    def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
+        if length != _UNDEFINED_LENGTH and fp.tell() + length > total:
+            raise _Truncated(tag)
+        return tag >= _PIXEL_DATA
+
+    return stop
 
 
 def _text(ds: object, keyword: str) -> str:
@@ -54,15 +75,20 @@ def read_header(stream: bytes | memoryview, transfer_syntax: str) -> Header:
     """Decode the header of an encoded dataset (no file meta) sent with ``transfer_syntax``."""
     ts = UID(transfer_syntax)
     data: bytes | memoryview = stream
+    total = len(stream)
     if ts == DeflatedExplicitVRLittleEndian:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(stream), _MAX_INFLATE)
+            data = inflater.decompress(bytes(stream), _MAX_INFLATE)
         except zlib.error:
             raise HeaderError("deflated dataset could not be inflated") from None
+        # Only the start was inflated: lengths can be checked against the end only if it was reached.
+        total = len(data) if not inflater.unconsumed_tail else sys.maxsize
     if not ts.is_transfer_syntax:
         raise HeaderError("unknown transfer syntax")
+    fp = BytesIO(data)
     try:
-        ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop)
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels(fp, total))
         return Header(
             sop_class_uid=_text(ds, "SOPClassUID"),
             sop_instance_uid=_text(ds, "SOPInstanceUID"),
@@ -72,5 +98,7 @@ def read_header(stream: bytes | memoryview, transfer_syntax: str) -> Header:
         )
     except HeaderError:
         raise
+    except _Truncated as exc:
+        raise HeaderError(f"element ({exc.tag.group:04X},{exc.tag.element:04X}) runs past the end of the dataset") from None
     except Exception as exc:  # pydicom raises many types on malformed data
         raise HeaderError(f"header could not be decoded ({type(exc).__name__})") from None

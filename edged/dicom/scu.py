@@ -122,6 +122,52 @@ def _chunks(items: list[SendItem]) -> Iterator[tuple[list[SendItem], list[tuple[
         yield batch, contexts
 
 
+def send_iter(
+    paths: Iterable[Path],
+    host: str,
+    port: int,
+    *,
+    aet: str = "EDGED",
+    aec: str = "ANY-SCP",
+    timeout: float = 60.0,
+) -> Iterator[tuple[Path, str]]:
+    """C-STORE every file, yielding ``(path, outcome)`` as each is answered.
+
+    Outcomes: the DIMSE status as ``0xNNNN``; ``unreadable`` (not DICOM), ``no_context`` (the peer
+    accepted no presentation context for the file's SOP class and transfer syntax), ``not_sendable``
+    (pynetdicom could not encode it) or ``no_response`` (association lost before an answer).
+    """
+    items: list[SendItem] = []
+    for f in iter_files(paths):
+        try:
+            items.append(prepare(f))
+        except ValueError:
+            yield f, "unreadable"
+    for batch, contexts in _chunks(items):
+        ae = _ae(aet, timeout)
+        for sop_class, ts in contexts:
+            ae.add_requested_context(sop_class, [ts])
+        assoc = _associate(ae, host, port, aec)
+        try:
+            for item in batch:
+                if not assoc.is_established:  # type: ignore[attr-defined]
+                    assoc = _associate(ae, host, port, aec)
+                accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                            for cx in assoc.accepted_contexts}  # type: ignore[attr-defined]
+                if (item.sop_class, item.transfer_syntax) not in accepted:
+                    yield item.path, "no_context"
+                    continue
+                try:
+                    rsp = assoc.send_c_store(item.dataset if item.dataset is not None else item.path)  # type: ignore[attr-defined]
+                    outcome = f"0x{int(rsp.Status):04X}" if rsp and "Status" in rsp else "no_response"
+                except (ValueError, AttributeError, TypeError):
+                    outcome = "not_sendable"
+                yield item.path, outcome
+        finally:
+            if assoc.is_established:  # type: ignore[attr-defined]
+                assoc.release()  # type: ignore[attr-defined]
+
+
 def send(
     paths: Iterable[Path],
     host: str,
@@ -132,37 +178,11 @@ def send(
     timeout: float = 60.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Counter[str]:
-    """C-STORE every file; returns a count per outcome (``0x0000``, ``0xA700``, ``unreadable``, ...)."""
-    outcomes: Counter[str] = Counter()
-    items: list[SendItem] = []
+    """C-STORE every file; returns a count per outcome (see :func:`send_iter`)."""
     files = list(iter_files(paths))
-    for f in files:
-        try:
-            items.append(prepare(f))
-        except ValueError:
-            outcomes["unreadable"] += 1
-    done = outcomes["unreadable"]
-    if progress:
-        progress(done, len(files))
-    for batch, contexts in _chunks(items):
-        ae = _ae(aet, timeout)
-        for sop_class, ts in contexts:
-            ae.add_requested_context(sop_class, [ts])
-        assoc = _associate(ae, host, port, aec)
-        try:
-            for item in batch:
-                try:
-                    rsp = assoc.send_c_store(item.dataset if item.dataset is not None else item.path)  # type: ignore[attr-defined]
-                    key = f"0x{int(rsp.Status):04X}" if rsp and "Status" in rsp else "no_response"
-                except (ValueError, AttributeError):
-                    key = "not_sendable"
-                outcomes[key] += 1
-                done += 1
-                if progress:
-                    progress(done, len(files))
-                if not assoc.is_established:  # type: ignore[attr-defined]
-                    assoc = _associate(ae, host, port, aec)
-        finally:
-            if assoc.is_established:  # type: ignore[attr-defined]
-                assoc.release()  # type: ignore[attr-defined]
+    outcomes: Counter[str] = Counter()
+    for _, outcome in send_iter(files, host, port, aet=aet, aec=aec, timeout=timeout):
+        outcomes[outcome] += 1
+        if progress:
+            progress(sum(outcomes.values()), len(files))
     return outcomes

@@ -1,0 +1,698 @@
+"""Ingest benchmark: edged against DCMTK's storescp and the disk's own fsync limit, in one run.
+
+Generates synthetic 512x512 16-bit CT slices, then measures for 1 and for several concurrent
+associations (default 1 and 4):
+
+* edged (``python -m edged serve``, fresh storage dir and daemon for every measurement),
+* DCMTK ``storescp`` (``--fork`` when more than one association, fresh output dir each time),
+* the disk limit: the same files written with temp file + fsync + rename + directory fsync in a loop
+  (one writer thread per "association"), which bounds any receiver that fsyncs before it acknowledges,
+
+and the cost of setting up an association (``echoscu`` in a loop, ``storescu`` with one file per
+association). Every DCMTK peer runs with ``TCP_NODELAY=1`` (Debian's build leaves Nagle on).
+See benchmarks/README.md for what the figures mean.
+
+Run:  .venv/bin/python benchmarks/ingest.py [--count 500] [--associations 1 4] [--keep] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Iterator, Sequence
+
+from edged.synthetic import write_ct_series
+
+HOST = "127.0.0.1"
+MAX_PDU = 131072
+EDGED_AET = "EDGED"
+STORESCP_AET = "STORESCP"
+CALLING_AET = "BENCH"
+LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
+NOTE = "DCMTK peers run with TCP_NODELAY=1; storescp does not fsync, edged does"
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be made (a peer failed, images went missing, a tool is absent)."""
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+_started: list[subprocess.Popen[bytes]] = []
+_started_lock = threading.Lock()
+
+
+def spawn(cmd: Sequence[str], *, group: bool = False, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a process and remember it, so that :func:`reap_all` can end it whatever happens.
+
+    ``group=True`` puts it in a new session (its own process group), so that the children it forks
+    (``storescp --fork``) are ended together with it.
+    """
+    proc = subprocess.Popen(list(cmd), start_new_session=group, **kwargs)
+    with _started_lock:
+        _started.append(proc)
+    return proc
+
+
+def _signal_proc(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to ``proc``, and to its process group if it leads one."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_proc(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
+    """Ask ``proc`` (and its group) to stop with ``sig``; SIGKILL it if it has not exited in ``timeout``."""
+    if proc.poll() is None:
+        _signal_proc(proc, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_proc(proc, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
+def _kill_group_leftovers(proc: subprocess.Popen[bytes]) -> None:
+    """After a group leader exited, SIGKILL whatever it forked that is still running."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def reap_all() -> None:
+    """End every process this script started that is still running (and their process groups)."""
+    with _started_lock:
+        procs = list(_started)
+        _started.clear()
+    for proc in procs:
+        if proc.poll() is None:
+            stop_proc(proc, signal.SIGTERM, timeout=10)
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    print("\ningest.py: terminated; stopping the processes it started", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+# -- tools -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tools:
+    storescu: str
+    storescp: str
+    echoscu: str
+    version: str
+
+
+def _find_dcmtk(name: str) -> str:
+    """The DCMTK tool ``name`` on PATH, skipping pynetdicom's scripts of the same name.
+
+    pynetdicom installs its own ``storescu``/``storescp``/``echoscu`` into the virtualenv's bin
+    directory, which comes first on PATH in an activated venv; they are not DCMTK.
+    """
+    venv_bin = str(Path(sys.prefix) / "bin")
+    dirs = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d and os.path.realpath(d) != os.path.realpath(venv_bin)]
+    path = shutil.which(name, path=os.pathsep.join(dirs))
+    if path is None:
+        raise BenchError(f"DCMTK's {name} not found on PATH (Debian/Ubuntu: apt-get install dcmtk)")
+    if "dcmtk" not in _version_text(path).lower():
+        raise BenchError(f"{path} does not look like DCMTK's {name} (its --version does not mention dcmtk)")
+    return path
+
+
+def _version_text(path: str) -> str:
+    res = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, env=dcmtk_env())
+    return res.stdout + res.stderr
+
+
+def find_tools() -> Tools:
+    storescu = _find_dcmtk("storescu")
+    first = _version_text(storescu).strip().splitlines()
+    version = first[0].strip("$ ").removeprefix("dcmtk:").strip() if first else "unknown"
+    return Tools(storescu=storescu, storescp=_find_dcmtk("storescp"), echoscu=_find_dcmtk("echoscu"), version=version)
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for DCMTK peers: Nagle off (Debian's DCMTK stalls ~40 ms per message without it)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return "(no output)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
+
+
+# -- receivers ---------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """A running C-STORE receiver on 127.0.0.1: its name, AE title, port and stored-image count."""
+
+    name: str
+    aet: str
+    port: int
+
+    def start(self) -> "Receiver":
+        raise NotImplementedError
+
+    def stored(self) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Edged(Receiver):
+    """``python -m edged serve`` with a config in ``workdir`` and storage in ``workdir/edged-data``."""
+
+    name = "edged"
+    aet = EDGED_AET
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.storage = workdir / "edged-data"
+        self.config = workdir / "edged.toml"
+        self.log = workdir / "edged.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def write_config(self) -> None:
+        self.config.write_text(
+            "[dicom]\n"
+            f"host = {_toml_str(HOST)}\n"
+            "port = 0\n"
+            f"max_pdu = {MAX_PDU}\n"
+            "\n[storage]\n"
+            f"dir = {_toml_str(str(self.storage))}\n"
+            "min_free_bytes = 0\n"
+            "max_pending = 100000\n"
+            "\n[http]\n"
+            "# any free port, so that the benchmark never collides with a running edged\n"
+            f"host = {_toml_str(HOST)}\n"
+            "port = 0\n"
+        )
+
+    def start(self) -> "Edged":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        with self.log.open("wb") as log:
+            self.proc = spawn([sys.executable, "-m", "edged", "serve", "--config", str(self.config)],
+                              group=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            found = LISTENING.search(self.log.read_text(errors="replace"))
+            if found:
+                self.port = int(found.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise BenchError(f"edged exited with {self.proc.returncode} before listening:\n{_tail(self.log)}")
+            time.sleep(0.05)
+        raise BenchError(f"edged did not log event=listening within {START_TIMEOUT_S:.0f}s:\n{_tail(self.log)}")
+
+    def counts(self) -> dict[str, int]:
+        """``edged status --json``'s instance counts per state."""
+        res = subprocess.run([sys.executable, "-m", "edged", "status", "--config", str(self.config), "--json"],
+                             capture_output=True, text=True, timeout=60, cwd=self.workdir)
+        if res.returncode != 0:
+            raise BenchError(f"edged status failed ({res.returncode}): {res.stderr.strip()}")
+        return {k: int(v) for k, v in json.loads(res.stdout)["instances"].items()}
+
+    def stored(self) -> int:
+        """Instances in the journal, whatever state processing has moved them to (``missing`` excepted)."""
+        return sum(n for state, n in self.counts().items() if state != "missing")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        rc = stop_proc(self.proc, signal.SIGTERM)
+        _kill_group_leftovers(self.proc)
+        self.proc = None
+        if rc != 0:  # reported, not raised: this runs in finally blocks
+            print(f"\nwarning: edged exited with {rc} after SIGTERM (log: {self.log}):\n{_tail(self.log, 5)}",
+                  file=sys.stderr)
+
+
+class Storescp(Receiver):
+    """DCMTK ``storescp`` writing to ``workdir/out``; ``--fork`` (one child per association) if ``fork``."""
+
+    name = "storescp"
+    aet = STORESCP_AET
+
+    def __init__(self, workdir: Path, tools: Tools, *, fork: bool) -> None:
+        self.workdir = workdir
+        self.out = workdir / "out"
+        self.log = workdir / "storescp.log"
+        self.tools = tools
+        self.fork = fork
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, attempts: int = 3) -> "Storescp":
+        self.out.mkdir(parents=True, exist_ok=True)
+        for _ in range(attempts):  # the free port may be taken between free_port() and storescp's bind
+            self.port = free_port()
+            cmd = [self.tools.storescp, *(["--fork"] if self.fork else []), "-od", str(self.out),
+                   "--max-pdu", str(MAX_PDU), "-aet", self.aet, str(self.port)]
+            with self.log.open("wb") as log:
+                self.proc = spawn(cmd, group=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                  cwd=self.workdir, env=dcmtk_env())
+            if self._wait_ready():
+                return self
+            stop_proc(self.proc, timeout=5)
+        raise BenchError(f"storescp did not answer C-ECHO on 127.0.0.1:{self.port}:\n{_tail(self.log)}")
+
+    def _wait_ready(self) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            res = subprocess.run([self.tools.echoscu, "-aet", CALLING_AET, "-aec", self.aet, HOST, str(self.port)],
+                                 capture_output=True, timeout=30, env=dcmtk_env())
+            if res.returncode == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stored(self) -> int:
+        return sum(1 for p in self.out.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_proc(self.proc, signal.SIGTERM)
+            _kill_group_leftovers(self.proc)
+            self.proc = None
+
+
+@contextlib.contextmanager
+def running(receiver: Receiver) -> Iterator[Receiver]:
+    """Start ``receiver`` (already constructed) and always stop it."""
+    try:
+        receiver.start()
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+# -- measurements ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Throughput:
+    receiver: str
+    associations: int
+    images: int
+    seconds: float
+    megabytes: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.megabytes / self.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 2), "mb_per_s": round(self.mb_per_s, 2)}
+
+
+@dataclass
+class Setup:
+    receiver: str
+    repeats: int
+    echo_ms: float
+    store_one_ms: float
+
+
+@dataclass
+class Results:
+    count: int
+    file_bytes: int
+    cpu_count: int | None
+    dcmtk: str
+    workdir_fs: str
+    throughput: list[Throughput] = field(default_factory=list)
+    setup: list[Setup] = field(default_factory=list)
+    tool_start_ms: float = 0.0
+
+    def get(self, receiver: str, associations: int) -> Throughput | None:
+        return next((t for t in self.throughput if t.receiver == receiver and t.associations == associations), None)
+
+
+def split(items: Sequence[Path], parts: int) -> list[list[Path]]:
+    """``items`` in ``parts`` contiguous chunks of (almost) equal size."""
+    n = len(items)
+    return [list(items[i * n // parts:(i + 1) * n // parts]) for i in range(parts)]
+
+
+def storescu_cmd(tools: Tools, aet: str, port: int, files: Sequence[Path]) -> list[str]:
+    # File names relative to the series folder (the cwd) keep the command line short.
+    return [tools.storescu, "--max-pdu", str(MAX_PDU), "-aet", CALLING_AET, "-aec", aet, HOST, str(port),
+            *(f.name for f in files)]
+
+
+def send(tools: Tools, receiver: Receiver, files: Sequence[Path], associations: int, logdir: Path) -> float:
+    """Send ``files`` with ``associations`` concurrent storescu processes; seconds from first start to last end."""
+    chunks = [c for c in split(files, associations) if c]
+    cwd = files[0].parent
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+    t0 = time.perf_counter()
+    try:
+        for i, chunk in enumerate(chunks):
+            log = logdir / f"storescu-{receiver.name}-{associations}-{i}.log"
+            with log.open("wb") as out:
+                procs.append((spawn(storescu_cmd(tools, receiver.aet, receiver.port, chunk), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, cwd=cwd, env=dcmtk_env()), log))
+        for proc, _ in procs:
+            proc.wait(timeout=max(600.0, 2.0 * len(files)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                stop_proc(proc, signal.SIGKILL, timeout=5)
+    for proc, log in procs:
+        if proc.returncode != 0:
+            raise BenchError(f"storescu to {receiver.name} exited with {proc.returncode}:\n{_tail(log)}")
+    return elapsed
+
+
+def measure_receiver(receiver: Receiver, tools: Tools, files: Sequence[Path], associations: int,
+                     megabytes: float, logdir: Path) -> Throughput:
+    with running(receiver):
+        seconds = send(tools, receiver, files, associations, logdir)
+        stored = receiver.stored()
+    if stored != len(files):
+        raise BenchError(f"{receiver.name} stored {stored} of {len(files)} images ({associations} association(s))")
+    return Throughput(receiver.name, associations, len(files), seconds, megabytes)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_write_loop(files: Sequence[Path], tmp_dir: Path, dest_dir: Path, tag: str) -> None:
+    """For each file: its bytes to a new temp file, fsync, rename into ``dest_dir``, fsync ``dest_dir``."""
+    for i, src in enumerate(files):
+        data = memoryview(src.read_bytes())
+        tmp = tmp_dir / f"{tag}-{i}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest_dir / f"{tag}-{i}.dcm")
+        _fsync_dir(dest_dir)
+
+
+def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megabytes: float) -> Throughput:
+    """The fsync-before-ack ceiling of this disk for these files, with ``threads`` writers in parallel."""
+    tmp_dir, dest_dir = workdir / "tmp", workdir / "instances"
+    tmp_dir.mkdir(parents=True)
+    dest_dir.mkdir(parents=True)
+    _fsync_dir(workdir)
+    chunks = [c for c in split(files, threads) if c]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+        futures = [pool.submit(_durable_write_loop, chunk, tmp_dir, dest_dir, f"w{i}") for i, chunk in enumerate(chunks)]
+        for f in futures:
+            f.result()
+    seconds = time.perf_counter() - t0
+    written = sum(1 for _ in dest_dir.iterdir())
+    if written != len(files):
+        raise BenchError(f"disk limit loop wrote {written} of {len(files)} files")
+    return Throughput("disk limit", threads, len(files), seconds, megabytes)
+
+
+def _per_call_ms(cmds: Sequence[Sequence[str]], cwd: Path | None = None) -> float:
+    """Run ``cmds`` one after the other (each must exit 0); mean wall-clock ms per command."""
+    t0 = time.perf_counter()
+    for cmd in cmds:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd, env=dcmtk_env())
+        if res.returncode != 0:
+            raise BenchError(f"{Path(cmd[0]).name} exited with {res.returncode}: {(res.stderr or res.stdout).strip()}")
+    return (time.perf_counter() - t0) * 1000.0 / len(cmds)
+
+
+def measure_setup(receiver: Receiver, tools: Tools, files: Sequence[Path], repeats: int) -> Setup:
+    """ms per association: ``echoscu`` ``repeats`` times, then ``storescu`` with one file, ``repeats`` times."""
+    echo = [[tools.echoscu, "-aet", CALLING_AET, "-aec", receiver.aet, HOST, str(receiver.port)]] * repeats
+    # Distinct files where there are enough, so that edged never takes its (cheaper) duplicate path.
+    stores = [storescu_cmd(tools, receiver.aet, receiver.port, [files[i % len(files)]]) for i in range(repeats)]
+    echo_ms = _per_call_ms(echo)
+    store_ms = _per_call_ms(stores, cwd=files[0].parent)
+    return Setup(receiver.name, repeats, echo_ms, store_ms)
+
+
+def tool_start_ms(tools: Tools, repeats: int) -> float:
+    """ms to start and exit ``echoscu --version``: the process overhead inside every setup figure."""
+    return _per_call_ms([[tools.echoscu, "--version"]] * repeats)
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def filesystem_of(path: Path) -> str:
+    """The mount's filesystem type for ``path`` (from /proc/mounts; 'unknown' elsewhere)."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    best, fstype = "", "unknown"
+    real = os.path.realpath(path)
+    for m in mounts:
+        if len(m) >= 3 and (real == m[1] or real.startswith(m[1].rstrip("/") + "/")) and len(m[1]) >= len(best):
+            best, fstype = m[1], m[2]
+    return f"{fstype} ({best})" if best else fstype
+
+
+def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results:
+    print(f"generating {args.count} synthetic CT slices in {root / 'series'} ...", flush=True)
+    files = write_ct_series(root / "series", args.count)
+    file_bytes = sum(f.stat().st_size for f in files)
+    megabytes = file_bytes / 1e6
+    results = Results(count=len(files), file_bytes=file_bytes, cpu_count=os.cpu_count(), dcmtk=tools.version,
+                      workdir_fs=filesystem_of(root))
+    logdir = root / "logs"
+    logdir.mkdir()
+    run_no = 0
+
+    def fresh(name: str) -> Path:
+        nonlocal run_no
+        run_no += 1
+        d = root / f"{run_no:02d}-{name}"
+        d.mkdir()
+        return d
+
+    for n in args.associations:
+        for label, make in (
+            ("edged", lambda d: Edged(d)),
+            ("storescp", lambda d: Storescp(d, tools, fork=n > 1)),
+        ):
+            print(f"  {label:<10} {n} association(s) ...", end=" ", flush=True)
+            t = measure_receiver(make(fresh(f"{label}-{n}")), tools, files, n, megabytes, logdir)
+            results.throughput.append(t)
+            print(f"{t.images_per_s:8.1f} images/s", flush=True)
+        print(f"  {'disk limit':<10} {n} writer(s) ...     ", end=" ", flush=True)
+        t = measure_disk_limit(files, n, fresh(f"disk-{n}"), megabytes)
+        results.throughput.append(t)
+        print(f"{t.images_per_s:8.1f} images/s", flush=True)
+
+    setup_files = files[: args.setup_repeats]
+    for label, make in (("edged", lambda d: Edged(d)), ("storescp", lambda d: Storescp(d, tools, fork=False))):
+        print(f"  {label:<10} association setup x{args.setup_repeats} ...", end=" ", flush=True)
+        with running(make(fresh(f"{label}-setup"))) as receiver:
+            s = measure_setup(receiver, tools, setup_files, args.setup_repeats)
+        results.setup.append(s)
+        print(f"echo {s.echo_ms:6.1f} ms, store-one {s.store_one_ms:6.1f} ms", flush=True)
+    results.tool_start_ms = tool_start_ms(tools, args.setup_repeats)
+    return results
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
+
+def ratios(results: Results) -> list[dict[str, Any]]:
+    out = []
+    for n in sorted({t.associations for t in results.throughput}):
+        e, s, d = (results.get(r, n) for r in ("edged", "storescp", "disk limit"))
+        out.append({
+            "associations": n,
+            "edged_over_storescp": round(e.images_per_s / s.images_per_s, 3) if e and s else None,
+            "edged_over_disk_limit": round(e.images_per_s / d.images_per_s, 3) if e and d else None,
+        })
+    return out
+
+
+def report(results: Results) -> str:
+    mb_each = results.file_bytes / results.count / 1e6
+    lines = [
+        "",
+        f"edged ingest benchmark: {results.count} synthetic CT slices, 512x512 16-bit, {mb_each:.3f} MB each "
+        f"({results.file_bytes / 1e6:.1f} MB in all), 127.0.0.1, --max-pdu {MAX_PDU}",
+        f"machine: {results.cpu_count} CPU cores (os.cpu_count()), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}; work dir filesystem: {results.workdir_fs}",
+        f"DCMTK: {results.dcmtk}",
+        f"note: {NOTE}",
+        "",
+        f"{'receiver':<12} {'assoc.':>6} {'images/s':>9} {'MB/s':>7} {'seconds':>8}",
+        f"{'-' * 12} {'-' * 6} {'-' * 9} {'-' * 7} {'-' * 8}",
+    ]
+    for t in sorted(results.throughput, key=lambda t: (t.associations, ["edged", "storescp", "disk limit"].index(t.receiver))):
+        lines.append(f"{t.receiver:<12} {t.associations:>6} {t.images_per_s:>9.1f} {t.mb_per_s:>7.1f} {t.seconds:>8.2f}")
+    lines += [
+        "(disk limit: same files, temp file + fsync + rename + directory fsync in a loop; 'assoc.' = parallel writer threads)",
+        "",
+        f"{'assoc.':>6} {'edged/storescp':>15} {'edged/disk-limit':>17}",
+        f"{'-' * 6} {'-' * 15} {'-' * 17}",
+    ]
+    for n in sorted({t.associations for t in results.throughput}):
+        e, s, d = (results.get(r, n) for r in ("edged", "storescp", "disk limit"))
+        lines.append(f"{n:>6} {_ratio(e and e.images_per_s, s and s.images_per_s):>15} "
+                     f"{_ratio(e and e.images_per_s, d and d.images_per_s):>17}")
+    if results.setup:
+        lines += [
+            "",
+            f"association setup, ms per association ({results.setup[0].repeats} in a row, each a new DCMTK process):",
+            f"{'receiver':<12} {'echoscu':>9} {'storescu 1 file':>16}",
+            f"{'-' * 12} {'-' * 9} {'-' * 16}",
+        ]
+        for s in results.setup:
+            lines.append(f"{s.receiver:<12} {s.echo_ms:>9.1f} {s.store_one_ms:>16.1f}")
+        by = {s.receiver: s for s in results.setup}
+        if "edged" in by and "storescp" in by:
+            e, s = by["edged"], by["storescp"]
+            lines.append(f"{'edged/storescp':<12} {_ratio(e.echo_ms, s.echo_ms):>9} {_ratio(e.store_one_ms, s.store_one_ms):>16}")
+        lines.append(f"(included in every figure above: starting and exiting echoscu --version takes {results.tool_start_ms:.1f} ms)")
+    return "\n".join(lines)
+
+
+def to_json(results: Results) -> dict[str, Any]:
+    return {
+        "count": results.count,
+        "file_bytes": results.file_bytes,
+        "cpu_count": results.cpu_count,
+        "platform": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "dcmtk": results.dcmtk,
+        "workdir_filesystem": results.workdir_fs,
+        "max_pdu": MAX_PDU,
+        "note": NOTE,
+        "throughput": [t.as_dict() for t in results.throughput],
+        "ratios": ratios(results),
+        "association_setup_ms": [asdict(s) for s in results.setup],
+        "tool_start_ms": round(results.tool_start_ms, 2),
+    }
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/ingest.py",
+        description="Measure edged's ingest rate (images/s) against DCMTK storescp and the disk's "
+                    "fsync limit, for one and for several concurrent associations, plus the cost of an "
+                    "association, all in one run on 127.0.0.1. " + NOTE + ".",
+        epilog="Needs DCMTK (storescu, storescp, echoscu) on PATH. Example: "
+               ".venv/bin/python benchmarks/ingest.py --count 500 --associations 1 4 --json ingest.json",
+    )
+    p.add_argument("--count", type=_positive, default=500, metavar="N",
+                   help="synthetic 512x512 16-bit CT slices to send per measurement (default: 500)")
+    p.add_argument("--associations", type=_positive, nargs="+", default=[1, 4], metavar="K",
+                   help="concurrent associations to measure, each a separate storescu process sending 1/K of "
+                        "the files (default: 1 4)")
+    p.add_argument("--setup-repeats", type=_positive, default=30, metavar="R",
+                   help="associations opened in a row for the association-setup figures (default: 30)")
+    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                   help="where to create the temporary directory (default: the system's temp dir); it "
+                        "should be on the disk you want to measure, not a tmpfs")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (files, stores, logs)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON to FILE")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so the finally blocks below still run
+    try:
+        tools = find_tools()
+    except BenchError as exc:
+        print(f"ingest.py: {exc}", file=sys.stderr)
+        return 2
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="edged-ingest-", dir=args.workdir))
+    try:
+        results = run_benchmark(args, root, tools)
+        print(report(results))
+        if args.json is not None:
+            args.json.write_text(json.dumps(to_json(results), indent=2) + "\n")
+            print(f"\nfigures written to {args.json}")
+        return 0
+    except BenchError as exc:
+        print(f"\ningest.py: {exc}", file=sys.stderr)
+        args.keep = True  # for inspection: logs, config, stored files
+        return 1
+    except KeyboardInterrupt:
+        print("\ningest.py: interrupted; stopping the processes it started", file=sys.stderr)
+        return 130
+    finally:
+        reap_all()
+        if args.keep:
+            print(f"work dir kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
