@@ -15,7 +15,7 @@ import threading
 import time
 from types import FrameType
 
-from edged import logs
+from edged import logs, sdnotify
 from edged.config import Config
 from edged.dicom.scp import Listener, StoreHandler
 from edged.metrics import Metrics
@@ -64,13 +64,18 @@ class Daemon:
         host, port = self.listener.address
         logs.event(log, logging.INFO, "listening", host=host, port=port, ae_title=self.cfg.dicom.ae_title,
                    tls=self.cfg.dicom.tls.enabled, storage=str(storage.dir))
+        sdnotify.notify(f"READY=1\nSTATUS=listening on {host}:{port}")
 
     def main_loop(self) -> None:
-        while not self.should_exit.wait(0.5):
-            pass
+        interval = sdnotify.watchdog_interval()
+        tick = min(0.5, interval) if interval else 0.5
+        while not self.should_exit.wait(tick):
+            if interval:
+                sdnotify.notify("WATCHDOG=1")
 
     def shutdown(self) -> None:
         logs.event(log, logging.INFO, "shutdown.begin")
+        sdnotify.notify("STOPPING=1")
         if self.listener is not None:
             self.listener.stop_accepting()
             deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout

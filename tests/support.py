@@ -70,12 +70,12 @@ class EdgedProcess:
         self.port = 0
         self.starts = 0
 
-    def start(self, timeout: float = 30.0) -> "EdgedProcess":
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> "EdgedProcess":
         self.starts += 1
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edged", "serve", "--config", str(self.config)],
-            stdout=log, stderr=log, cwd=self.workdir,
+            stdout=log, stderr=log, cwd=self.workdir, env={**os.environ, **(env or {})},
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from edged.spool.store import Spool
+
+
+def test_write_commit_roundtrip(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    rel = spool.relpath_for("1.2.3.4")
+    tmp = spool.write_temp(b"head", memoryview(b"-body" * 1000))
+    assert tmp.parent == spool.tmp
+    final = spool.commit(tmp, rel)
+    assert final.read_bytes() == b"head" + b"-body" * 1000
+    assert not tmp.exists()
+
+
+def test_names_are_safe_and_carry_no_uid(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    for uid in ("1.2.3", "../../etc/passwd", "1.2.3\x00 ", "\u00e9"):
+        rel = spool.relpath_for(uid)
+        assert rel.startswith("spool/instances/") and rel.endswith(".dcm")
+        assert "/" not in rel[len("spool/instances/"):]
+        assert uid.strip() not in rel or uid == ""
+    assert spool.relpath_for("1.2.3") != spool.relpath_for("1.2.4")
+
+
+def test_reconcile_removes_leftovers_and_reports_missing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    kept = spool.relpath_for("1.1")
+    spool.commit(spool.write_temp(b"kept"), kept)
+    unrecorded = spool.relpath_for("1.2")
+    spool.commit(spool.write_temp(b"never acknowledged"), unrecorded)
+    spool.write_temp(b"half written")
+    gone = spool.relpath_for("1.3")
+    report = spool.reconcile({kept, gone})
+    assert report.removed_temp == 1
+    assert report.removed_unrecorded == 1
+    assert report.missing == [gone]
+    assert (tmp_path / kept).read_bytes() == b"kept"
+    assert not (tmp_path / unrecorded).exists()
+    assert list(spool.tmp.iterdir()) == []
