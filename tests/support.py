@@ -20,7 +20,10 @@ LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
+    """A peer program from the system, never pynetdicom's same-named scripts in the virtualenv's bin."""
+    venv_bin = os.path.realpath(Path(sys.prefix) / "bin")
+    dirs = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if os.path.realpath(d) != venv_bin]
+    path = shutil.which(name, path=os.pathsep.join(dirs))
     if path is None:
         pytest.fail(f"{name} not found: run scripts/install-test-deps (scripts/test does) first")
     return path
