@@ -122,7 +122,7 @@ class StoreHandler:
     def on_established(self, event: evt.Event) -> None:
         self.metrics.associations.labels("accepted").inc()
         stats = self._stats_for(event.assoc)
-        logs.event(log, logging.INFO, "association.established", assoc=stats.number,
+        logs.event(log, logging.DEBUG, "association.established", assoc=stats.number,
                    peer=self._peer(event.assoc), calling_ae=event.assoc.requestor.ae_title,
                    called_ae=event.assoc.acceptor.ae_title)
 
@@ -148,7 +148,8 @@ class StoreHandler:
         if stats is None:  # ended before it was established (e.g. rejected)
             return
         logs.event(log, logging.INFO if how == "released" else logging.WARNING, f"association.{how}",
-                   assoc=stats.number, peer=self._peer(event.assoc), stored=stats.stored,
+                   assoc=stats.number, peer=self._peer(event.assoc), calling_ae=event.assoc.requestor.ae_title,
+                   called_ae=event.assoc.acceptor.ae_title, stored=stats.stored,
                    duplicates=stats.duplicates, failed=stats.failed, bytes=stats.bytes,
                    seconds=time.monotonic() - stats.started)
 

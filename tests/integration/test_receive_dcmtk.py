@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from support import EdgedProcess, dcmtk_env, require_tool, run
 
 
@@ -108,7 +111,7 @@ def test_sigterm_lets_the_running_push_finish(edged: EdgedProcess, ct_series: li
     push = subprocess.Popen([storescu, "-aec", "EDGED", "127.0.0.1", str(edged.port), *map(str, ct_series[:100])],
                             env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
-    while "event=association.established" not in edged.log_text() and time.monotonic() < deadline:
+    while not edged.rows() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert edged.stop() == 0
     _, err = push.communicate(timeout=60)
@@ -117,3 +120,22 @@ def test_sigterm_lets_the_running_push_finish(edged: EdgedProcess, ct_series: li
     assert "event=shutdown.complete" in edged.log_text()
     later = run([require_tool("echoscu"), "-aec", "EDGED", "127.0.0.1", str(edged.port)])
     assert later.returncode != 0  # nothing listens any more
+
+
+def test_second_signal_skips_the_graceful_wait(edged_factory) -> None:
+    """An idle association would hold shutdown for shutdown_timeout; a second SIGTERM ends it at once."""
+    edged = edged_factory(daemon={"shutdown_timeout": 300.0}).start()
+    ae = AE()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", edged.port, ae_title="EDGED")
+    assert assoc.is_established
+    try:
+        assert edged.proc is not None
+        edged.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            edged.proc.wait(2)  # still waiting for the open association
+        edged.proc.send_signal(signal.SIGTERM)
+        assert edged.proc.wait(60) == 0
+        assert "event=shutdown.aborted_associations count=1" in edged.log_text()
+    finally:
+        assoc.abort()
