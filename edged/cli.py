@@ -11,11 +11,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from edged import config as config_mod
 from edged import logs
-from edged.errors import ConfigError, EdgedError
+from edged.errors import ConfigError, EdgedError, ModelConfigError
+from edged.inference.repository import PRECISIONS
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -79,7 +80,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aet", default="EDGED", help="calling AE title (default: EDGED)")
     p.add_argument("--aec", default="ANY-SCP", help="called AE title (default: ANY-SCP)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default: 60)")
+    _add_engines_parser(sub)
     return parser
+
+
+def _add_engines_parser(sub: Any) -> None:
+    p = sub.add_parser("engines", help="list, build, verify and bench the models' engines",
+                       description="Models live in [engines] dir (engines/<name>/model.toml + model.onnx). "
+                                   "Built plans and converted ONNX go to a cache under the storage dir.")
+    esub = p.add_subparsers(dest="engines_command", metavar="ACTION")
+    esub.required = True
+    pl = esub.add_parser("list", help="models, versions, backend and plan state (built / stale / missing)")
+    _add_config_arg(pl)
+    pb = esub.add_parser("build", help="apply the precision to the ONNX and build TensorRT plans where possible")
+    _add_config_arg(pb)
+    pb.add_argument("models", nargs="*", metavar="MODEL", help="models to build (default: all)")
+    pb.add_argument("--precision", choices=PRECISIONS, help="override model.toml's [tensorrt] precision")
+    pb.add_argument("--calibration", type=Path, metavar="DIR", help="DICOM images for int8 calibration")
+    pb.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    pv = esub.add_parser("verify", help="compare the chosen backend with ONNX Runtime fp32 on the CPU")
+    _add_config_arg(pv)
+    pv.add_argument("model", metavar="MODEL")
+    pv.add_argument("--precision", choices=PRECISIONS, help="override model.toml's precision")
+    pv.add_argument("--batch", type=int, default=4, help="reference inputs (default 4)")
+    pn = esub.add_parser("bench", help="images/s and latency p50/p99 per batch size")
+    _add_config_arg(pn)
+    pn.add_argument("model", metavar="MODEL")
+    pn.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], metavar="N", help="batch sizes (default 1 4 16)")
+    pn.add_argument("--seconds", type=float, default=5.0, help="seconds per batch size (default 5)")
+    pn.add_argument("--precision", choices=PRECISIONS, help="override model.toml's precision")
+    pn.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
 
 def _load(path: Path | None) -> config_mod.Config:
@@ -113,10 +143,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(counts, sort_keys=True))
         return EXIT_OK
     print(f"storage: {cfg.storage.dir}")
-    for group, states in counts.items():
-        total = sum(states.values())
+    for group in ("instances", "jobs"):
+        states = counts[group]
         detail = ", ".join(f"{s} {n}" for s, n in states.items())
-        print(f"{group}: {total} ({detail})")
+        print(f"{group}: {sum(states.values())} ({detail})")
+    for model, states in sorted(counts["models"].items()):
+        detail = ", ".join(f"{s} {n}" for s, n in states.items() if n)
+        print(f"  {model}: {detail}")
+    oldest = counts["oldest_pending_job_seconds"]
+    print("oldest pending job: " + ("none" if oldest is None else f"{oldest:.0f} s"))
     return EXIT_OK
 
 
@@ -152,7 +187,15 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_OK if total and outcomes.get("0x0000", 0) == total else EXIT_FAILURE
 
 
-COMMANDS = {"serve": cmd_serve, "config": cmd_config, "status": cmd_status, "echo": cmd_echo, "send": cmd_send}
+def cmd_engines(args: argparse.Namespace) -> int:
+    from edged.inference import commands
+
+    cfg = _load(args.config)
+    logs.setup(cfg.daemon.log_level)
+    return commands.run(args, cfg)
+
+
+COMMANDS = {"serve": cmd_serve, "config": cmd_config, "status": cmd_status, "echo": cmd_echo, "send": cmd_send, "engines": cmd_engines}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -160,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         code = COMMANDS[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, ModelConfigError) as exc:
         print(f"edged: config error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except EdgedError as exc:

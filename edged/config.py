@@ -13,9 +13,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from edged.errors import ConfigError
+from edged.schema import Builder, in_range, meta, non_empty, one_of, to_toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,20 +24,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ENV_CONFIG = "EDGED_CONFIG"
-
-Check = Callable[[Any], "str | None"]
-
-
-def _range(lo: float | None = None, hi: float | None = None) -> Check:
-    def check(value: Any) -> str | None:
-        if lo is not None and value < lo:
-            return f"must be >= {lo}, got {value!r}"
-        if hi is not None and value > hi:
-            return f"must be <= {hi}, got {value!r}"
-        return None
-
-    return check
-
 
 def _ae_title(value: Any) -> str | None:
     """DICOM AE title (PS3.5 VR AE): 1-16 characters, default character repertoire, not all spaces."""
@@ -57,14 +44,6 @@ def _ae_list(value: Any) -> str | None:
     return None
 
 
-def _non_empty(value: Any) -> str | None:
-    return None if str(value).strip() else "must not be empty"
-
-
-def _opt(check: Check | None = None, *, path: bool = False, must_exist: bool = False) -> dict[str, Any]:
-    return {"check": check, "path": path, "must_exist": must_exist}
-
-
 def _default_storage_dir() -> Path:
     """``$STATE_DIRECTORY`` under systemd, else the XDG state directory of the user."""
     state = os.environ.get("STATE_DIRECTORY")
@@ -75,6 +54,9 @@ def _default_storage_dir() -> Path:
     return base / "edged"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     """``[dicom.tls]``: when ``cert`` and ``key`` are set the listener speaks TLS only.
@@ -82,9 +64,9 @@ class TlsConfig:
     ``ca``, when set, makes client certificates mandatory and verifies them against it.
     """
 
-    cert: Path | None = field(default=None, metadata=_opt(path=True, must_exist=True))
-    key: Path | None = field(default=None, metadata=_opt(path=True, must_exist=True))
-    ca: Path | None = field(default=None, metadata=_opt(path=True, must_exist=True))
+    cert: Path | None = field(default=None, metadata=meta(path=True, must_exist=True))
+    key: Path | None = field(default=None, metadata=meta(path=True, must_exist=True))
+    ca: Path | None = field(default=None, metadata=meta(path=True, must_exist=True))
 
     @property
     def enabled(self) -> bool:
@@ -95,15 +77,15 @@ class TlsConfig:
 class DicomConfig:
     """``[dicom]``: the DICOM listener (Storage SCP and Verification SCP)."""
 
-    ae_title: str = field(default="EDGED", metadata=_opt(_ae_title))
-    host: str = field(default="0.0.0.0", metadata=_opt(_non_empty))
-    port: int = field(default=11112, metadata=_opt(_range(0, 65535)))  # 0: any free port
-    allowed_calling_aes: list[str] = field(default_factory=list, metadata=_opt(_ae_list))
-    max_associations: int = field(default=16, metadata=_opt(_range(1, 1000)))
-    max_pdu: int = field(default=262144, metadata=_opt(_range(0, 2**32 - 1)))
-    acse_timeout: float = field(default=30.0, metadata=_opt(_range(0.1, 3600)))
-    dimse_timeout: float = field(default=60.0, metadata=_opt(_range(0.1, 3600)))
-    network_timeout: float = field(default=60.0, metadata=_opt(_range(0.1, 3600)))
+    ae_title: str = field(default="EDGED", metadata=meta(_ae_title))
+    host: str = field(default="0.0.0.0", metadata=meta(non_empty))
+    port: int = field(default=11112, metadata=meta(in_range(0, 65535)))  # 0: any free port
+    allowed_calling_aes: list[str] = field(default_factory=list, metadata=meta(_ae_list))
+    max_associations: int = field(default=16, metadata=meta(in_range(1, 1000)))
+    max_pdu: int = field(default=262144, metadata=meta(in_range(0, 2**32 - 1)))
+    acse_timeout: float = field(default=30.0, metadata=meta(in_range(0.1, 3600)))
+    dimse_timeout: float = field(default=60.0, metadata=meta(in_range(0.1, 3600)))
+    network_timeout: float = field(default=60.0, metadata=meta(in_range(0.1, 3600)))
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
@@ -111,31 +93,60 @@ class DicomConfig:
 class StorageConfig:
     """``[storage]``: where received instances (spool) and the journal live, and their bounds."""
 
-    dir: Path = field(default_factory=_default_storage_dir, metadata=_opt(path=True))
-    min_free_bytes: int = field(default=1 << 30, metadata=_opt(_range(0)))
-    max_pending: int = field(default=10000, metadata=_opt(_range(1)))
+    dir: Path = field(default_factory=_default_storage_dir, metadata=meta(path=True))
+    min_free_bytes: int = field(default=1 << 30, metadata=meta(in_range(0)))
+    max_pending: int = field(default=10000, metadata=meta(in_range(1)))
+
+
+def _default_engines_dir() -> Path:
+    """The ``engines/`` beside the package (a checkout), else ``engines/`` in the working directory."""
+    beside = Path(__file__).resolve().parent.parent / "engines"
+    return beside if beside.is_dir() else Path.cwd() / "engines"
+
+
+@dataclass(frozen=True)
+class EnginesConfig:
+    """``[engines]``: the model repository and how models run."""
+
+    dir: Path = field(default_factory=_default_engines_dir, metadata=meta(path=True))
+    backend: str = field(default="auto", metadata=meta(one_of("auto", "tensorrt", "onnxruntime")))
+    models: list[str] = field(default_factory=list)
+    cache_dir: Path | None = field(default=None, metadata=meta(path=True))
+    intra_op_threads: int = field(default=0, metadata=meta(in_range(0, 256)))
+    inter_op_threads: int = field(default=1, metadata=meta(in_range(0, 256)))
+
+    def cache(self, storage_dir: Path) -> Path:
+        """Built plans and converted ONNX: ``cache_dir``, else ``<storage dir>/engines``."""
+        return self.cache_dir if self.cache_dir is not None else storage_dir / "engines"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """``[pipeline]``: jobs, series assembly and scheduling."""
+
+    series_quiet_seconds: float = field(default=10.0, metadata=meta(in_range(0, 86400)))
+    workers: int = field(default=2, metadata=meta(in_range(1, 64)))
+    max_attempts: int = field(default=3, metadata=meta(in_range(1, 100)))
+    retry_seconds: float = field(default=10.0, metadata=meta(in_range(0, 86400)))
+    lease_seconds: float = field(default=600.0, metadata=meta(in_range(1, 86400)))
+    queue_size: int = field(default=64, metadata=meta(in_range(1, 100000)))
+    poll_seconds: float = field(default=0.5, metadata=meta(in_range(0.01, 60)))
 
 
 @dataclass(frozen=True)
 class HttpConfig:
     """``[http]``: metrics and health endpoints."""
 
-    host: str = field(default="127.0.0.1", metadata=_opt(_non_empty))
-    port: int = field(default=8780, metadata=_opt(_range(0, 65535)))
+    host: str = field(default="127.0.0.1", metadata=meta(non_empty))
+    port: int = field(default=8780, metadata=meta(in_range(0, 65535)))
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
     """``[daemon]``: process-wide behaviour."""
 
-    shutdown_timeout: float = field(default=30.0, metadata=_opt(_range(0, 3600)))
-    log_level: str = field(
-        default="info",
-        metadata=_opt(lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"),
-    )
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
+    shutdown_timeout: float = field(default=30.0, metadata=meta(in_range(0, 3600)))
+    log_level: str = field(default="info", metadata=meta(one_of(*LOG_LEVELS)))
 
 
 @dataclass(frozen=True)
@@ -144,73 +155,11 @@ class Config:
 
     dicom: DicomConfig = field(default_factory=DicomConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    engines: EnginesConfig = field(default_factory=EnginesConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
-
-
-def _type_name(tp: Any) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(tp, str(tp))
-
-
-def _convert(key: str, value: Any, ftype: Any, meta: Mapping[str, Any], base: Path, source: Path | None) -> Any:
-    if meta.get("path"):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(key, "must be a non-empty path string", source)
-        p = Path(value).expanduser()
-        if not p.is_absolute():
-            p = (base / p).resolve()
-        if meta.get("must_exist") and not p.is_file():
-            raise ConfigError(key, f"file not found or not a regular file: {p}", source)
-        return p
-    if ftype in ("int", int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}", source)
-        return value
-    if ftype in ("float", float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"must be a number, got {value!r}", source)
-        return float(value)
-    if ftype in ("str", str):
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}", source)
-        return value
-    if ftype in ("bool", bool):
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}", source)
-        return value
-    if ftype in ("list[str]",):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, f"must be a list of strings, got {value!r}", source)
-        return list(value)
-    raise ConfigError(key, f"unsupported type {ftype!r}", source)  # pragma: no cover - programming error
-
-
-def _build(cls: type, table: Mapping[str, Any], prefix: str, base: Path, source: Path | None) -> Any:
-    if not isinstance(table, Mapping):
-        raise ConfigError(prefix, f"must be a table, got {table!r}", source)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    for name in table:
-        if name not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}.{name}" if prefix else name, f"unknown key (known: {known})", source)
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
-            kwargs[name] = _build(f.default_factory, table.get(name, {}), key, base, source)
-            continue
-        if name not in table:
-            continue
-        ftype = f.type.replace(" | None", "") if isinstance(f.type, str) else f.type
-        value = _convert(key, table[name], ftype, f.metadata, base, source)
-        check = f.metadata.get("check")
-        if check is not None:
-            problem = check(value)
-            if problem:
-                raise ConfigError(key, problem, source)
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
 def _validate_cross(cfg: Config) -> None:
@@ -226,8 +175,8 @@ def _validate_cross(cfg: Config) -> None:
 def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
     """Build and validate a :class:`Config` from parsed TOML."""
     base = source.parent if source is not None else Path.cwd()
-    cfg = _build(Config, data, "", base, source)
-    cfg = dataclasses.replace(cfg, source=source)
+    builder = Builder(lambda key, reason: ConfigError(key, reason, source), base)
+    cfg = dataclasses.replace(builder.build(Config, data), source=source)
     _validate_cross(cfg)
     return cfg
 
@@ -251,21 +200,6 @@ def load(path: Path | str | None = None) -> Config:
     return from_mapping(data, p.resolve())
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(value)  # pragma: no cover
-
-
 def to_toml(cfg: Config) -> str:
     """Render the effective configuration as TOML (unset optional keys are shown commented out)."""
     lines: list[str] = []
@@ -282,7 +216,7 @@ def to_toml(cfg: Config) -> str:
             elif value is None:
                 lines.append(f"# {f.name} = (unset)")
             else:
-                lines.append(f"{f.name} = {_toml_value(value)}")
+                lines.append(f"{f.name} = {to_toml_value(value)}")
         lines.append("")
         for sub, subname in nested:
             section(sub, subname)

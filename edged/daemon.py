@@ -18,6 +18,13 @@ from types import FrameType
 from edged import logs, sdnotify
 from edged.config import Config
 from edged.dicom.scp import Listener, StoreHandler
+from edged.inference.base import Engine
+from edged.inference.cache import ArtifactCache
+from edged.inference.repository import Repository
+from edged.inference.repository import ModelSpec
+from edged.inference.select import resolve_backend, start_engine
+from edged.pipeline.router import Router
+from edged.pipeline.scheduler import Pipeline
 from edged.metrics import Metrics
 from edged.spool.journal import Journal
 from edged.spool.store import Spool
@@ -33,6 +40,9 @@ class Daemon:
         self.force_exit = False
         self.journal: Journal | None = None
         self.listener: Listener | None = None
+        self.engines: dict[str, Engine] = {}
+        self.models: dict[str, ModelSpec] = {}
+        self.pipeline: Pipeline | None = None
 
     # -- signals ------------------------------------------------------------------------------------
 
@@ -53,18 +63,47 @@ class Daemon:
         self.journal = Journal.open(storage.dir)
         report = spool.reconcile(self.journal.instance_paths())
         flagged = self.journal.mark_missing(report.missing)
+        stale_masks = spool.reconcile_masks(self.journal.mask_paths())
         logs.event(log, logging.WARNING if (report.removed_unrecorded or flagged) else logging.INFO,
                    "spool.reconciled", removed_temp=report.removed_temp,
-                   removed_unacknowledged=report.removed_unrecorded, missing_files=flagged,
+                   removed_unacknowledged=report.removed_unrecorded, missing_files=flagged, stale_masks=stale_masks,
                    pending=self.journal.pending)
+        self.start_engines()
+        router = None
+        if self.engines:
+            router = Router(self.models)
+            self.pipeline = Pipeline(self.journal, spool, self.models, self.engines, self.cfg.pipeline, self.metrics)
+            self.pipeline.start()
         handler = StoreHandler(spool, self.journal, self.cfg.dicom, min_free_bytes=storage.min_free_bytes,
-                               max_pending=storage.max_pending, metrics=self.metrics)
+                               max_pending=storage.max_pending, metrics=self.metrics, router=router,
+                               on_stored=self.pipeline.notify if self.pipeline else None)
         self.listener = Listener(self.cfg.dicom, handler)
         self.listener.start()
         host, port = self.listener.address
         logs.event(log, logging.INFO, "listening", host=host, port=port, ae_title=self.cfg.dicom.ae_title,
                    tls=self.cfg.dicom.tls.enabled, storage=str(storage.dir))
         sdnotify.notify(f"READY=1\nSTATUS=listening on {host}:{port}")
+
+    def start_engines(self) -> None:
+        """Load the model repository and activate every model's engine on the chosen backend."""
+        engines_cfg = self.cfg.engines
+        specs = Repository(engines_cfg.dir).load(engines_cfg.models or None)
+        self.models = specs
+        if not specs:
+            logs.event(log, logging.WARNING, "engines.none", dir=str(engines_cfg.dir))
+            return
+        backend, reason, plans = resolve_backend(engines_cfg.backend)
+        logs.event(log, logging.INFO, "engines.backend", backend=backend, reason=reason)
+        cache = ArtifactCache(engines_cfg.cache(self.cfg.storage.dir))
+        try:
+            for name, spec in specs.items():
+                engine = start_engine(spec, backend, cache, engines_cfg, plans)
+                self.engines[name] = engine
+                logs.event(log, logging.INFO, "engine.active", model=name, version=spec.version,
+                           backend=engine.backend, precision=engine.precision, max_batch=engine.max_batch)
+        finally:
+            if plans is not None:
+                plans.close()
 
     def main_loop(self) -> None:
         interval = sdnotify.watchdog_interval()
@@ -76,14 +115,20 @@ class Daemon:
     def shutdown(self) -> None:
         logs.event(log, logging.INFO, "shutdown.begin")
         sdnotify.notify("STOPPING=1")
+        deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout
         if self.listener is not None:
             self.listener.stop_accepting()
-            deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout
             while self.listener.active() and not self.force_exit and time.monotonic() < deadline:
                 time.sleep(0.05)
             aborted = self.listener.abort_all()
             if aborted:
                 logs.event(log, logging.WARNING, "shutdown.aborted_associations", count=aborted)
+        if self.pipeline is not None:
+            left = 0.0 if self.force_exit else max(0.0, deadline - time.monotonic())
+            if not self.pipeline.stop(left):
+                logs.event(log, logging.WARNING, "shutdown.jobs_unfinished", note="they resume at the next start")
+        for engine in self.engines.values():
+            engine.deactivate()
         if self.journal is not None:
             self.journal.close()
         logs.event(log, logging.INFO, "shutdown.complete")

@@ -73,3 +73,39 @@ class DicomNetworkError(EdgedError):
         self.peer = peer
         self.reason = reason
         super().__init__(f"{peer}: {reason}")
+
+
+class ModelConfigError(EdgedError):
+    """A model's model.toml (or its files) is invalid. Names the file and the dotted key."""
+
+    def __init__(self, path: Path | str, key: str, reason: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{self.path}: {key}: {reason}")
+
+
+class EngineError(EdgedError):
+    """An engine could not be activated or run. ``model`` names it; ``tensor`` the tensor at fault."""
+
+    def __init__(self, model: str, reason: str, tensor: str | None = None) -> None:
+        self.model = model
+        self.reason = reason
+        self.tensor = tensor
+        where = f" tensor {tensor!r}" if tensor else ""
+        super().__init__(f"engine {model}{where}: {reason}")
+
+
+class EngineBuildError(EngineError):
+    """Building an engine (precision conversion, TensorRT parse or build) failed.
+
+    ``details`` holds every message the builder reported (e.g. each ONNX parser error).
+    """
+
+    def __init__(self, model: str, reason: str, details: list[str] | None = None) -> None:
+        self.details = list(details or [])
+        super().__init__(model, reason + ("".join(f"\n  - {d}" for d in self.details)))
+
+
+class BackendUnavailableError(EngineError):
+    """The requested backend cannot run here (no tensorrt / pycuda, no GPU)."""

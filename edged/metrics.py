@@ -38,3 +38,17 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
+        self.jobs = Counter(
+            "edged_jobs_total", "Jobs finished, by model and result (done, failed, dead).", ["model", "result"], registry=r
+        )
+        self.batch_size = Histogram(
+            "edged_batch_size", "Inputs per inference batch.", ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "edged_stage_seconds",
+            "Time spent per pipeline stage (read, preprocess, queue_wait, inference, postprocess, commit).",
+            ["model", "stage"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=r,
+        )

@@ -37,6 +37,12 @@ class Header:
     study_instance_uid: str
     series_instance_uid: str
     modality: str
+    body_part: str = ""
+    series_description: str = ""
+    rows: int = 0
+    columns: int = 0
+    number_of_frames: int = 1
+    images_in_acquisition: int | None = None
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -71,6 +77,15 @@ def _text(ds: object, keyword: str) -> str:
     return str(value).strip().strip("\x00")
 
 
+def _int(ds: object, keyword: str) -> int | None:
+    """An integer attribute, or None when absent, empty or not a number (routing treats it as unknown)."""
+    try:
+        text = _text(ds, keyword)
+        return int(float(text)) if text else None
+    except (ValueError, HeaderError):
+        return None
+
+
 def read_header(stream: bytes | memoryview, transfer_syntax: str) -> Header:
     """Decode the header of an encoded dataset (no file meta) sent with ``transfer_syntax``."""
     ts = UID(transfer_syntax)
@@ -95,6 +110,12 @@ def read_header(stream: bytes | memoryview, transfer_syntax: str) -> Header:
             study_instance_uid=_text(ds, "StudyInstanceUID"),
             series_instance_uid=_text(ds, "SeriesInstanceUID"),
             modality=_text(ds, "Modality"),
+            body_part=_text(ds, "BodyPartExamined"),
+            series_description=_text(ds, "SeriesDescription"),
+            rows=_int(ds, "Rows") or 0,
+            columns=_int(ds, "Columns") or 0,
+            number_of_frames=_int(ds, "NumberOfFrames") or 1,
+            images_in_acquisition=_int(ds, "ImagesInAcquisition"),
         )
     except HeaderError:
         raise

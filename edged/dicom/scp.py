@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -44,6 +44,7 @@ from edged.dicom import status
 from edged.dicom.header import HeaderError, read_header
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
 from edged.metrics import Metrics
+from edged.pipeline.router import Router
 from edged.spool.journal import InstanceRecord, Journal
 from edged.spool.store import Spool
 
@@ -93,7 +94,10 @@ class StoreHandler:
     """Event handlers for the listener. Shared by all association threads."""
 
     def __init__(self, spool: Spool, journal: Journal, cfg: DicomConfig, *, min_free_bytes: int,
-                 max_pending: int, metrics: Metrics) -> None:
+                 max_pending: int, metrics: Metrics, router: Router | None = None,
+                 on_stored: Callable[[], None] | None = None) -> None:
+        self.router = router
+        self.on_stored = on_stored
         self.spool = spool
         self.journal = journal
         self.cfg = cfg
@@ -250,9 +254,11 @@ class StoreHandler:
             size_bytes=size,
             calling_ae=event.assoc.requestor.ae_title,
             path=relpath,
+            expected_count=header.images_in_acquisition,
         )
+        routes = self.router.route(header) if self.router is not None else []
         try:
-            self.journal.add_instance(record)
+            self.journal.add_instance(record, routes)
         except JournalError:
             # Not acknowledged, so not kept: the spool never holds a file the journal doesn't know.
             self.spool.remove(relpath)
@@ -261,6 +267,8 @@ class StoreHandler:
         stats.bytes += size
         self.metrics.instances_received.labels("success").inc()
         self.metrics.bytes_received.inc(size)
+        if self.on_stored is not None and routes:
+            self.on_stored()
         return status.SUCCESS
 
 

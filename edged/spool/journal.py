@@ -11,20 +11,26 @@ allows one writer anyway). Readers in other processes (``edged status``) open th
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 from edged.errors import JournalClosedError, JournalError
 
 JOURNAL_NAME = "journal.sqlite3"
 
-#: Instance states. ``received``: stored and acknowledged, not yet finished by the pipeline.
-#: ``missing``: the journal had a row whose file was gone at start (found and logged by reconcile).
-INSTANCE_STATES = ("received", "done", "failed", "missing")
+#: Instance states. ``received``: stored and acknowledged, its jobs not all finished yet.
+#: ``done``: every job that needs it has finished (done or dead). ``missing``: the journal had a row whose
+#: file was gone at start (found and logged by reconcile).
+INSTANCE_STATES = ("received", "done", "missing")
+#: Job states: pending -> running -> done | failed (retried after a delay) -> dead after max attempts.
+JOB_STATES = ("pending", "running", "done", "failed", "dead")
+UNFINISHED_JOB_STATES = ("pending", "running", "failed")
 #: States that count against ``[storage] max_pending``.
 PENDING_STATES = ("received",)
 
@@ -50,6 +56,71 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX instances_state ON instances (state)",
         "CREATE INDEX instances_series ON instances (series_instance_uid)",
     ),
+    # 1 -> 2: series, jobs, findings (pipeline)
+    (
+        """
+        CREATE TABLE series (
+            series_instance_uid TEXT PRIMARY KEY,
+            study_instance_uid TEXT NOT NULL,
+            modality TEXT NOT NULL,
+            first_received REAL NOT NULL,
+            last_received REAL NOT NULL,
+            instance_count INTEGER NOT NULL DEFAULT 0,
+            expected_count INTEGER,
+            state TEXT NOT NULL DEFAULT 'open',
+            generation INTEGER NOT NULL DEFAULT 0,
+            completed_at REAL
+        )
+        """,
+        "CREATE INDEX series_state ON series (state, last_received)",
+        """
+        CREATE TABLE series_models (
+            series_instance_uid TEXT NOT NULL,
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            PRIMARY KEY (series_instance_uid, model)
+        )
+        """,
+        """
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            level TEXT NOT NULL,
+            sop_instance_uid TEXT,
+            series_instance_uid TEXT NOT NULL,
+            generation INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            lease_token TEXT,
+            lease_until REAL,
+            retry_at REAL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            finished_at REAL,
+            sources TEXT
+        )
+        """,
+        "CREATE UNIQUE INDEX jobs_unique ON jobs (model, level, series_instance_uid, COALESCE(sop_instance_uid, ''), generation)",
+        "CREATE INDEX jobs_state ON jobs (state, model, id)",
+        "CREATE INDEX jobs_instance ON jobs (sop_instance_uid)",
+        "CREATE INDEX jobs_series ON jobs (series_instance_uid, level)",
+        """
+        CREATE TABLE findings (
+            id INTEGER PRIMARY KEY,
+            job_id INTEGER NOT NULL REFERENCES jobs (id),
+            model TEXT NOT NULL,
+            label TEXT NOT NULL,
+            present INTEGER NOT NULL,
+            probability REAL NOT NULL,
+            measurements TEXT NOT NULL,
+            mask_path TEXT,
+            created_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX findings_job ON findings (job_id)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -68,6 +139,51 @@ class InstanceRecord:
     calling_ae: str
     path: str
     received_at: float = 0.0
+    expected_count: int | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """A model that accepts an instance (from the router): an instance job now, or a series job later."""
+
+    model: str
+    version: str
+    level: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job, as a worker sees it."""
+
+    id: int
+    model: str
+    model_version: str
+    level: str
+    sop_instance_uid: str | None
+    series_instance_uid: str
+    generation: int
+    attempts: int
+    lease_token: str
+
+
+@dataclass(frozen=True)
+class FindingRecord:
+    """One finding of a job. ``measurements`` is JSON-ready (area/volume, bbox, centroid...)."""
+
+    label: str
+    present: bool
+    probability: float
+    measurements: dict[str, object]
+    mask_path: str | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A finished job: its findings and the source instances it used (in order)."""
+
+    job: Job
+    findings: list[FindingRecord]
+    sources: list[str]
 
 
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -130,38 +246,208 @@ class Journal:
             ).fetchone()
         return row is not None
 
-    def add_instance(self, rec: InstanceRecord) -> bool:
-        """Record a received instance in one durable transaction.
-
-        Returns False (and changes nothing) when the SOP Instance UID is already recorded.
-        """
-        received_at = rec.received_at or time.time()
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), serialised with every other writer."""
         with self._lock:
             conn = self._c()
             try:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
-                    " series_instance_uid, modality, transfer_syntax_uid, size_bytes, calling_ae,"
-                    " received_at, path, state) VALUES (?,?,?,?,?,?,?,?,?,?,'received')",
-                    (
-                        rec.sop_instance_uid,
-                        rec.sop_class_uid,
-                        rec.study_instance_uid,
-                        rec.series_instance_uid,
-                        rec.modality,
-                        rec.transfer_syntax_uid,
-                        rec.size_bytes,
-                        rec.calling_ae,
-                        received_at,
-                        rec.path,
-                    ),
-                )
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise JournalError(self.path, str(exc)) from None
-            inserted = cur.rowcount == 1
-            if inserted:
-                self._pending += 1
-        return inserted
+
+    def add_instance(self, rec: InstanceRecord, routes: Sequence[Route] = ()) -> bool:
+        """Record a received instance, its series and its jobs in one durable transaction.
+
+        Instance-level routes become pending jobs now; series-level routes are remembered on the series
+        and become jobs when it completes. A series that had completed is reopened (its generation goes
+        up) so a new series job follows. An instance no model wants is ``done`` at once. Returns False
+        (and changes nothing) when the SOP Instance UID is already recorded.
+        """
+        now = time.time()
+        received_at = rec.received_at or now
+        wanted = bool(routes)
+        with self._tx() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
+                " series_instance_uid, modality, transfer_syntax_uid, size_bytes, calling_ae,"
+                " received_at, path, state) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (rec.sop_instance_uid, rec.sop_class_uid, rec.study_instance_uid, rec.series_instance_uid,
+                 rec.modality, rec.transfer_syntax_uid, rec.size_bytes, rec.calling_ae, received_at, rec.path,
+                 "received" if wanted else "done"),
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.execute(
+                "INSERT INTO series (series_instance_uid, study_instance_uid, modality, first_received,"
+                " last_received, instance_count, expected_count) VALUES (?,?,?,?,?,1,?)"
+                " ON CONFLICT (series_instance_uid) DO UPDATE SET last_received = excluded.last_received,"
+                " instance_count = instance_count + 1,"
+                " expected_count = COALESCE(excluded.expected_count, expected_count),"
+                " generation = generation + (state = 'complete'), state = 'open'",
+                (rec.series_instance_uid, rec.study_instance_uid, rec.modality, received_at, received_at,
+                 rec.expected_count),
+            )
+            for r in routes:
+                if r.level == "instance":
+                    conn.execute(
+                        "INSERT OR IGNORE INTO jobs (model, model_version, level, sop_instance_uid,"
+                        " series_instance_uid, created_at, updated_at) VALUES (?,?,'instance',?,?,?,?)",
+                        (r.model, r.version, rec.sop_instance_uid, rec.series_instance_uid, now, now))
+                else:
+                    conn.execute("INSERT OR IGNORE INTO series_models VALUES (?,?,?)",
+                                 (rec.series_instance_uid, r.model, r.version))
+        if wanted:
+            self._pending += 1
+        return True
+
+    # -- series and jobs --------------------------------------------------------------------------
+
+    def complete_series(self, quiet_seconds: float, now: float | None = None) -> list[tuple[str, int]]:
+        """Mark open series complete (quiet long enough, or expected count reached) and create their
+        series jobs. Returns ``(series uid, jobs created)`` for each completed series."""
+        now = time.time() if now is None else now
+        done: list[tuple[str, int]] = []
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT series_instance_uid, generation FROM series WHERE state = 'open' AND"
+                " (last_received <= ? OR (expected_count IS NOT NULL AND instance_count >= expected_count))",
+                (now - quiet_seconds,)).fetchall()
+            for uid, generation in rows:
+                conn.execute("UPDATE series SET state = 'complete', completed_at = ? WHERE series_instance_uid = ?",
+                             (now, uid))
+                created = 0
+                for model, version in conn.execute(
+                        "SELECT model, model_version FROM series_models WHERE series_instance_uid = ?", (uid,)
+                ).fetchall():
+                    created += conn.execute(
+                        "INSERT OR IGNORE INTO jobs (model, model_version, level, series_instance_uid, generation,"
+                        " created_at, updated_at) VALUES (?,?,'series',?,?,?,?)",
+                        (model, version, uid, generation, now, now)).rowcount
+                done.append((uid, created))
+            if rows:
+                self._settle_instances(conn, [uid for uid, _ in rows])
+        return done
+
+    def claim_jobs(self, model: str, limit: int, lease_seconds: float, token: str,
+                   now: float | None = None) -> list[Job]:
+        """Lease up to ``limit`` runnable jobs of ``model`` (pending, or failed and due for retry)."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT id, model, model_version, level, sop_instance_uid, series_instance_uid, generation, attempts"
+                " FROM jobs WHERE model = ? AND (state = 'pending' OR (state = 'failed' AND retry_at <= ?))"
+                " ORDER BY id LIMIT ?", (model, now, limit)).fetchall()
+            for row in rows:
+                conn.execute(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = ?, lease_until = ?,"
+                    " updated_at = ? WHERE id = ?", (token, now + lease_seconds, now, row[0]))
+        return [Job(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7] + 1, token) for r in rows]
+
+    def finish_jobs(self, results: list[JobResult]) -> list[int]:
+        """Store findings and mark jobs done, all in one transaction; returns the ids that were done.
+
+        A job whose lease was lost (expired and taken by another attempt) is not completed twice:
+        its results are dropped here and the ids returned exclude it.
+        """
+        now = time.time()
+        finished: list[int] = []
+        series: set[str] = set()
+        with self._tx() as conn:
+            for res in results:
+                job = res.job
+                cur = conn.execute(
+                    "UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, lease_until = NULL,"
+                    " last_error = NULL, sources = ? WHERE id = ? AND state = 'running' AND lease_token = ?",
+                    (now, now, json.dumps(res.sources), job.id, job.lease_token))
+                if cur.rowcount != 1:
+                    continue
+                conn.executemany(
+                    "INSERT INTO findings (job_id, model, label, present, probability, measurements, mask_path,"
+                    " created_at) VALUES (?,?,?,?,?,?,?,?)",
+                    [(job.id, job.model, f.label, int(f.present), float(f.probability),
+                      json.dumps(f.measurements, sort_keys=True), f.mask_path, now) for f in res.findings])
+                finished.append(job.id)
+                series.add(job.series_instance_uid)
+            self._settle_instances(conn, sorted(series))
+        return finished
+
+    def fail_job(self, job: Job, error: str, max_attempts: int, retry_delay: float) -> str:
+        """Record a failed attempt: ``failed`` (retried after ``retry_delay``) or ``dead``. Returns the state."""
+        now = time.time()
+        state = "dead" if job.attempts >= max_attempts else "failed"
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = ?, last_error = ?, retry_at = ?, lease_until = NULL, updated_at = ?,"
+                " finished_at = CASE WHEN ? = 'dead' THEN ? END WHERE id = ? AND state = 'running' AND lease_token = ?",
+                (state, error[:500], now + retry_delay, now, state, now, job.id, job.lease_token))
+            if cur.rowcount == 1 and state == "dead":
+                self._settle_instances(conn, [job.series_instance_uid])
+        return state
+
+    def recover_jobs(self, now: float | None = None, *, all_running: bool = False) -> int:
+        """Return running jobs whose lease expired (or, at start-up, every running job) to pending."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            if all_running:
+                cur = conn.execute("UPDATE jobs SET state = 'pending', lease_token = NULL, lease_until = NULL"
+                                   " WHERE state = 'running'")
+            else:
+                cur = conn.execute("UPDATE jobs SET state = 'pending', lease_token = NULL, lease_until = NULL"
+                                   " WHERE state = 'running' AND lease_until < ?", (now,))
+            return cur.rowcount
+
+    def _settle_instances(self, conn: sqlite3.Connection, series_uids: list[str]) -> None:
+        """Mark instances of these series ``done`` once no unfinished job needs them."""
+        if not series_uids:
+            return
+        unfinished = ",".join(f"'{s}'" for s in UNFINISHED_JOB_STATES)
+        marks = ",".join("?" * len(series_uids))
+        cur = conn.execute(
+            f"UPDATE instances SET state = 'done' WHERE state = 'received' AND series_instance_uid IN ({marks})"
+            f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.sop_instance_uid = instances.sop_instance_uid"
+            f"   AND j.state IN ({unfinished}))"
+            f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.level = 'series'"
+            f"   AND j.series_instance_uid = instances.series_instance_uid AND j.state IN ({unfinished}))"
+            f" AND NOT EXISTS (SELECT 1 FROM series s JOIN series_models m USING (series_instance_uid)"
+            f"   WHERE s.series_instance_uid = instances.series_instance_uid AND s.state = 'open')",
+            series_uids)
+        self._pending -= cur.rowcount
+
+    def series_sources(self, series_uid: str) -> list[tuple[str, str]]:
+        """(SOP Instance UID, spool path) of every instance of a series on file, in arrival order."""
+        with self._lock:
+            return [(r[0], r[1]) for r in self._c().execute(
+                "SELECT sop_instance_uid, path FROM instances WHERE series_instance_uid = ? AND state != 'missing'"
+                " ORDER BY id", (series_uid,))]
+
+    def instance_path(self, sop_instance_uid: str) -> str | None:
+        with self._lock:
+            row = self._c().execute("SELECT path FROM instances WHERE sop_instance_uid = ?",
+                                    (sop_instance_uid,)).fetchone()
+        return row[0] if row else None
+
+    def findings(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        """Findings (of one job, or all) joined with their job, oldest first."""
+        where, args = ("WHERE f.job_id = ?", (job_id,)) if job_id is not None else ("", ())
+        with self._lock:
+            cur = self._c().cursor()
+            cur.row_factory = sqlite3.Row
+            rows = cur.execute(
+                "SELECT f.*, j.level, j.sop_instance_uid, j.series_instance_uid, j.generation, j.sources,"
+                f" j.model_version FROM findings f JOIN jobs j ON j.id = f.job_id {where} ORDER BY f.id", args
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def mask_paths(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._c().execute("SELECT mask_path FROM findings WHERE mask_path IS NOT NULL")}
 
     def instance_paths(self) -> set[str]:
         """Relative spool paths of every recorded instance (used by start-up reconciliation)."""
@@ -225,8 +511,12 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             raise
 
 
-def read_counts(storage_dir: Path) -> dict[str, dict[str, int]]:
-    """Counts per state, read-only, for ``edged status`` (another process may be writing)."""
+def read_counts(storage_dir: Path) -> dict[str, Any]:
+    """Counts per state, read-only, for ``edged status`` (another process may be writing).
+
+    ``instances`` and ``jobs`` map each state to a count; ``models`` maps each model to its job counts
+    per state; ``oldest_pending_job_seconds`` is the age of the oldest job waiting to run (None if none).
+    """
     path = storage_dir / JOURNAL_NAME
     if not path.exists():
         raise JournalError(path, "no journal here (has the daemon run with this storage dir?)")
@@ -234,13 +524,20 @@ def read_counts(storage_dir: Path) -> dict[str, dict[str, int]]:
         conn = _connect(path, readonly=True)
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version < 1:
-                raise JournalError(path, "journal has no schema yet")
+            if version < SCHEMA_VERSION:
+                raise JournalError(path, f"journal schema {version} is older than {SCHEMA_VERSION}: start the daemon once")
             instances = {s: 0 for s in INSTANCE_STATES}
             for state, n in conn.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"):
                 instances[state] = int(n)
+            jobs = {s: 0 for s in JOB_STATES}
+            models: dict[str, dict[str, int]] = {}
+            for model, state, n in conn.execute("SELECT model, state, COUNT(*) FROM jobs GROUP BY model, state"):
+                jobs[state] += int(n)
+                models.setdefault(model, {s: 0 for s in JOB_STATES})[state] = int(n)
+            oldest = conn.execute("SELECT MIN(created_at) FROM jobs WHERE state IN ('pending', 'failed')").fetchone()[0]
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise JournalError(path, str(exc)) from None
-    return {"instances": instances}
+    return {"instances": instances, "jobs": jobs, "models": models,
+            "oldest_pending_job_seconds": None if oldest is None else max(0.0, time.time() - oldest)}

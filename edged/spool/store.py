@@ -13,16 +13,20 @@ the SOP Instance UID, so they are safe whatever the sender put in the UID and ca
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edged.errors import SpoolError
 
 SPOOL_DIR = "spool"
 INSTANCES_DIR = "instances"
+MASKS_DIR = "masks"
 TMP_DIR = "tmp"
 TMP_SUFFIX = ".part"
 
@@ -64,9 +68,11 @@ class Spool:
         self.root = storage_dir / SPOOL_DIR
         self.instances = self.root / INSTANCES_DIR
         self.tmp = self.root / TMP_DIR
+        self.masks = self.root / MASKS_DIR
         try:
             _make_dir(self.instances)
             _make_dir(self.tmp)
+            _make_dir(self.masks)
         except OSError as exc:
             raise SpoolError(self.root, f"cannot create directory: {exc.strerror or exc}") from None
         self._counter = 0
@@ -132,6 +138,30 @@ class Spool:
             _fsync_dir(self.instances)
         except FileNotFoundError:
             pass
+
+    def write_mask(self, name: str, mask: np.ndarray) -> str:
+        """Store a segmentation mask (bool array) durably as ``spool/masks/<name>.npz``; returns its relpath."""
+        buf = io.BytesIO()
+        np.savez_compressed(buf, mask=np.asarray(mask, dtype=bool))
+        relpath = f"{SPOOL_DIR}/{MASKS_DIR}/{name}.npz"
+        self.commit(self.write_temp(buf.getbuffer()), relpath)
+        return relpath
+
+    def read_mask(self, relpath: str) -> np.ndarray:
+        with np.load(self.storage_dir / relpath) as data:
+            return data["mask"]
+
+    def reconcile_masks(self, recorded: set[str]) -> int:
+        """Remove mask files no finding refers to (written by a job that never committed)."""
+        removed = 0
+        prefix = f"{SPOOL_DIR}/{MASKS_DIR}/"
+        for p in self.masks.iterdir():
+            if prefix + p.name not in recorded:
+                p.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            _fsync_dir(self.masks)
+        return removed
 
     def reconcile(self, recorded: set[str]) -> ReconcileReport:
         """Make spool and journal agree after a crash.

@@ -1,0 +1,158 @@
+"""Preprocessing: pure numpy functions from stored pixels to model input planes. No I/O here.
+
+The order follows DICOM's pixel pipeline (PS3.4 N.2): stored values -> modality LUT (Rescale Slope /
+Intercept: CT numbers in HU) -> MONOCHROME1 inversion -> value of interest (a window, or a percentile
+clip for modalities without calibrated units) scaled to [0, 1] -> resampling to the model's size ->
+normalisation. Training (engines/train_demo_models.py), calibration (int8) and inference all call
+:func:`prepare_slice`, so a model sees the same numbers everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a model wants its input (``[preprocess]`` in model.toml)."""
+
+    size: tuple[int, int]
+    modality_lut: bool = True
+    window: tuple[float, float] | None = None
+    percentile: tuple[float, float] | None = None
+    mean: float = 0.0
+    std: float = 1.0
+
+
+def modality_lut(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values to modality units (PS3.3 C.11.1): ``value * slope + intercept``, as float32."""
+    out = pixels.astype(np.float32)
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if intercept != 0.0:
+        out += np.float32(intercept)
+    return out
+
+
+def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Linear window (PS3.3 C.11.2.1.2.1, "LINEAR") scaled to [0, 1] and clipped."""
+    if width < 1:
+        raise ValueError(f"window width must be >= 1, got {width}")
+    lo = center - 0.5 - (width - 1) / 2
+    out = (values - np.float32(lo)) / np.float32(width - 1)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def percentile_clip(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip to the [low, high] percentiles of the image and scale to [0, 1]."""
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float32)
+    out = (values - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
+
+def invert_monochrome1(pixels: np.ndarray, bits_stored: int | None, signed: bool) -> np.ndarray:
+    """MONOCHROME1 to MONOCHROME2 on stored values: ``max + min - value`` over the stored range."""
+    if bits_stored:
+        lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    else:
+        lo, hi = int(pixels.min()), int(pixels.max())
+    return (np.int64(lo + hi) - pixels.astype(np.int64)).astype(np.float32)
+
+
+def _linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights for resampling an axis (pixel centres aligned, edges clamped)."""
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    x = np.clip(x, 0, n_in - 1)
+    i0 = np.floor(x).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = (x - i0).astype(np.float32)
+    return i0, i1, w
+
+
+def resize(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resample a 2-D float plane to ``size`` (rows, columns).
+
+    Whole-number reductions average blocks (no aliasing: 512 -> 256 averages 2x2); anything else is
+    bilinear, after block-averaging by the whole part of the reduction.
+    """
+    rows, cols = size
+    h, w = plane.shape
+    if (h, w) == (rows, cols):
+        return plane.astype(np.float32, copy=False)
+    fy, fx = max(h // rows, 1), max(w // cols, 1)
+    if fy > 1 or fx > 1:
+        hh, ww = (h // fy) * fy, (w // fx) * fx
+        plane = plane[:hh, :ww].reshape(hh // fy, fy, ww // fx, fx).mean(axis=(1, 3), dtype=np.float32)
+        h, w = plane.shape
+        if (h, w) == (rows, cols):
+            return plane
+    y0, y1, wy = _linear_weights(h, rows)
+    x0, x1, wx = _linear_weights(w, cols)
+    top = plane[y0][:, x0] * (1 - wx) + plane[y0][:, x1] * wx
+    bottom = plane[y1][:, x0] * (1 - wx) + plane[y1][:, x1] * wx
+    return (top * (1 - wy)[:, None] + bottom * wy[:, None]).astype(np.float32, copy=False)
+
+
+def prepare_slice(
+    pixels: np.ndarray,
+    spec: PreprocessSpec,
+    *,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    monochrome1: bool = False,
+    bits_stored: int | None = None,
+    signed: bool = False,
+    pixel_spacing: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Stored pixels (rows, columns) to one float32 model input plane of ``spec.size``.
+
+    MONOCHROME1 (minimum shown white) is inverted on the stored values over their full range
+    (``bits_stored``, ``signed``), so the model always sees MONOCHROME2. ``pixel_spacing`` is accepted
+    for models that resample to a spacing (reserved; the demo models resample to a size).
+    """
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a 2-D plane, got shape {pixels.shape}")
+    if monochrome1:
+        pixels = invert_monochrome1(pixels, bits_stored, signed)
+    values = modality_lut(pixels, slope, intercept) if spec.modality_lut else pixels.astype(np.float32)
+    if spec.window is not None:
+        values = window(values, *spec.window)
+    elif spec.percentile is not None:
+        values = percentile_clip(values, *spec.percentile)
+    plane = resize(values, spec.size)
+    if spec.mean != 0.0 or spec.std != 1.0:
+        plane = (plane - np.float32(spec.mean)) / np.float32(spec.std)
+    return plane.astype(np.float32, copy=False)
+
+
+def _first(value: object, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, (str, bytes)):
+        value = value[0]  # type: ignore[index]
+    return float(value)  # type: ignore[arg-type]
+
+
+def prepare_dataset(ds: object, spec: PreprocessSpec) -> np.ndarray:
+    """A decoded DICOM image (pydicom Dataset) to model inputs: float32 ``(frames, 1, rows, columns)``.
+
+    Decodes pixel data (any transfer syntax pydicom with pylibjpeg handles); colour images are
+    refused with ValueError, multi-frame images give one plane per frame.
+    """
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise ValueError(f"SamplesPerPixel is {samples}: only monochrome images are supported")
+    pixels = ds.pixel_array  # type: ignore[attr-defined]
+    frames = pixels if pixels.ndim == 3 else pixels[None]
+    slope = _first(getattr(ds, "RescaleSlope", None), 1.0)
+    intercept = _first(getattr(ds, "RescaleIntercept", None), 0.0)
+    mono1 = str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+    bits = int(getattr(ds, "BitsStored", 0) or 0) or None
+    signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
+    planes = [prepare_slice(f, spec, slope=slope, intercept=intercept, monochrome1=mono1, bits_stored=bits,
+                            signed=signed) for f in frames]
+    return np.stack(planes)[:, None]

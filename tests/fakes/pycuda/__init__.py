@@ -1,0 +1,1 @@
+"""Fake pycuda for tests (see tests/fakes/README.md)."""

@@ -1,0 +1,121 @@
+"""Job lifecycle in the journal: claim with a lease, finish once, fail and retry, die, recover, series."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from edged.spool.journal import FindingRecord, InstanceRecord, JobResult, Journal, Route, read_counts
+
+CLS = Route("cls", "1", "instance")
+SEG = Route("seg", "1", "series")
+
+
+def rec(uid: str, series: str = "9.1", expected: int | None = None) -> InstanceRecord:
+    return InstanceRecord(uid, "1.2.840.10008.5.1.4.1.1.2", "9", series, "CT", "1.2.840.10008.1.2.1", 1, "CT01",
+                          f"spool/instances/{uid}.dcm", expected_count=expected)
+
+
+@pytest.fixture
+def j(tmp_path: Path):
+    journal = Journal.open(tmp_path)
+    yield journal
+    journal.close()
+
+
+def finding() -> list[FindingRecord]:
+    return [FindingRecord("nodule", True, 0.9, {"threshold": 0.5})]
+
+
+def test_instance_job_runs_once(j: Journal) -> None:
+    j.add_instance(rec("1"), [CLS])
+    (job,) = j.claim_jobs("cls", 10, 60, "tok-a")
+    assert job.attempts == 1 and job.level == "instance"
+    assert j.claim_jobs("cls", 10, 60, "tok-b") == []  # leased: nobody else gets it
+    assert j.finish_jobs([JobResult(job, finding(), ["1"])]) == [job.id]
+    assert j.finish_jobs([JobResult(job, finding(), ["1"])]) == []  # never completed twice
+    assert len(j.findings()) == 1
+    assert j.pending == 0
+
+
+def test_expired_lease_returns_to_pending_and_stale_worker_cannot_finish(j: Journal) -> None:
+    j.add_instance(rec("1"), [CLS])
+    (old,) = j.claim_jobs("cls", 1, lease_seconds=0.01, token="tok-a")
+    time.sleep(0.05)
+    assert j.recover_jobs() == 1
+    (new,) = j.claim_jobs("cls", 1, 60, "tok-b")
+    assert new.id == old.id and new.attempts == 2
+    assert j.finish_jobs([JobResult(old, finding(), ["1"])]) == []  # the first attempt lost its lease
+    assert j.finish_jobs([JobResult(new, finding(), ["1"])]) == [new.id]
+    assert len(j.findings()) == 1
+
+
+def test_failure_retries_then_dies(j: Journal) -> None:
+    j.add_instance(rec("1"), [CLS])
+    (job,) = j.claim_jobs("cls", 1, 60, "t")
+    assert j.fail_job(job, "ValueError: bad pixels", max_attempts=2, retry_delay=0.0) == "failed"
+    (job2,) = j.claim_jobs("cls", 1, 60, "t")
+    assert job2.attempts == 2
+    assert j.fail_job(job2, "ValueError: bad pixels", max_attempts=2, retry_delay=0.0) == "dead"
+    assert j.claim_jobs("cls", 1, 60, "t") == []
+    assert j.pending == 0  # a dead job finishes its instance
+    counts = read_counts(j.path.parent)
+    assert counts["jobs"]["dead"] == 1 and counts["models"]["cls"]["dead"] == 1
+
+
+def test_failed_job_waits_for_its_retry_delay(j: Journal) -> None:
+    j.add_instance(rec("1"), [CLS])
+    (job,) = j.claim_jobs("cls", 1, 60, "t")
+    j.fail_job(job, "x", max_attempts=3, retry_delay=3600)
+    assert j.claim_jobs("cls", 1, 60, "t") == []
+    assert len(j.claim_jobs("cls", 1, 60, "t", now=time.time() + 3601)) == 1
+
+
+def test_start_up_recovers_every_running_job(j: Journal) -> None:
+    for i in range(3):
+        j.add_instance(rec(str(i)), [CLS])
+    j.claim_jobs("cls", 3, 3600, "crashed")
+    assert j.recover_jobs(all_running=True) == 3
+    assert len(j.claim_jobs("cls", 10, 60, "new")) == 3
+
+
+def test_series_job_after_quiet_period_and_reopen(j: Journal) -> None:
+    for i in range(3):
+        j.add_instance(rec(str(i)), [CLS, SEG])
+    now = time.time()
+    assert j.complete_series(quiet_seconds=10, now=now) == []  # still arriving
+    assert j.complete_series(quiet_seconds=10, now=now + 11) == [("9.1", 1)]
+    (sjob,) = j.claim_jobs("seg", 5, 60, "t")
+    assert sjob.level == "series" and sjob.generation == 0
+    j.finish_jobs([JobResult(sjob, finding(), ["0", "1", "2"])])
+    # A late instance reopens the series: a new job, next generation.
+    j.add_instance(rec("3"), [CLS, SEG])
+    assert j.complete_series(quiet_seconds=10, now=time.time() + 11) == [("9.1", 1)]
+    (again,) = j.claim_jobs("seg", 5, 60, "t")
+    assert again.generation == 1 and again.id != sjob.id
+
+
+def test_expected_count_completes_at_once(j: Journal) -> None:
+    for i in range(4):
+        j.add_instance(rec(str(i), expected=4), [SEG])
+    assert j.complete_series(quiet_seconds=3600) == [("9.1", 1)]
+
+
+def test_instances_stay_pending_until_their_series_job_is_done(j: Journal) -> None:
+    j.add_instance(rec("1"), [CLS, SEG])
+    (job,) = j.claim_jobs("cls", 1, 60, "t")
+    j.finish_jobs([JobResult(job, finding(), ["1"])])
+    assert j.pending == 1  # the series job still needs the file
+    j.complete_series(quiet_seconds=0, now=time.time() + 1)
+    (sjob,) = j.claim_jobs("seg", 1, 60, "t")
+    j.finish_jobs([JobResult(sjob, finding(), ["1"])])
+    assert j.pending == 0
+
+
+def test_status_reports_oldest_pending_age(j: Journal) -> None:
+    j.add_instance(rec("1"), [CLS])
+    counts = read_counts(j.path.parent)
+    assert counts["jobs"]["pending"] == 1
+    assert counts["oldest_pending_job_seconds"] is not None and counts["oldest_pending_job_seconds"] >= 0
