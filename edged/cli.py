@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aec", default="ANY-SCP", help="called AE title (default: ANY-SCP)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default: 60)")
     _add_engines_parser(sub)
+
+    p = sub.add_parser("outbox", help="list and retry deliveries of results to the destinations")
+    osub = p.add_subparsers(dest="outbox_command", metavar="ACTION")
+    osub.required = True
+    po = osub.add_parser("list", help="deliveries not yet delivered (pending and dead)")
+    _add_config_arg(po)
+    po.add_argument("--dead", action="store_true", help="only the dead ones")
+    po.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    pr = osub.add_parser("retry", help="send dead deliveries again (after fixing their destination)")
+    _add_config_arg(pr)
+    pr.add_argument("ids", nargs="*", type=int, metavar="ID")
+    pr.add_argument("--all-dead", action="store_true", help="every dead delivery")
     return parser
 
 
@@ -143,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(counts, sort_keys=True))
         return EXIT_OK
     print(f"storage: {cfg.storage.dir}")
-    for group in ("instances", "jobs"):
+    for group in ("instances", "jobs", "deliveries"):
         states = counts[group]
         detail = ", ".join(f"{s} {n}" for s, n in states.items())
         print(f"{group}: {sum(states.values())} ({detail})")
@@ -195,7 +207,34 @@ def cmd_engines(args: argparse.Namespace) -> int:
     return commands.run(args, cfg)
 
 
-COMMANDS = {"serve": cmd_serve, "config": cmd_config, "status": cmd_status, "echo": cmd_echo, "send": cmd_send, "engines": cmd_engines}
+def cmd_outbox(args: argparse.Namespace) -> int:
+    import time
+
+    from edged.spool.journal import list_deliveries, retry_deliveries
+
+    cfg = _load(args.config)
+    if args.outbox_command == "retry":
+        if bool(args.ids) == bool(args.all_dead):
+            print("edged: outbox retry: give delivery IDs or --all-dead (not both)", file=sys.stderr)
+            return EXIT_USAGE
+        n = retry_deliveries(cfg.storage.dir, None if args.all_dead else args.ids)
+        print(f"{n} deliver{'y' if n == 1 else 'ies'} queued again")
+        return EXIT_OK if n or args.all_dead else EXIT_FAILURE
+    rows = list_deliveries(cfg.storage.dir, dead_only=args.dead)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, sort_keys=True))
+        return EXIT_OK
+    print(f"{'id':>6} {'destination':<14} {'state':<8} {'tries':>5} {'kind':<4} {'model':<16} {'next in':>8}  last error")
+    now = time.time()
+    for r in rows:
+        nxt = f"{max(0.0, r['next_attempt_at'] - now):.0f}s" if r["state"] == "pending" else "-"
+        print(f"{r['id']:>6} {r['destination']:<14} {r['state']:<8} {r['attempts']:>5} {r['kind']:<4} "
+              f"{r['model']:<16} {nxt:>8}  {r['last_error'] or ''}")
+    return EXIT_OK
+
+
+COMMANDS = {"serve": cmd_serve, "config": cmd_config, "status": cmd_status, "echo": cmd_echo, "send": cmd_send, "engines": cmd_engines, "outbox": cmd_outbox}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

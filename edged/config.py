@@ -44,6 +44,11 @@ def _ae_list(value: Any) -> str | None:
     return None
 
 
+def _dest_name(value: Any) -> str | None:
+    ok = value and all(c.isalnum() or c in "-_." for c in value) and len(value) <= 64
+    return None if ok else "must be 1-64 of letters, digits, - _ . (it is a metric label)"
+
+
 def _default_storage_dir() -> Path:
     """``$STATE_DIRECTORY`` under systemd, else the XDG state directory of the user."""
     state = os.environ.get("STATE_DIRECTORY")
@@ -134,6 +139,30 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class Destination:
+    """``[[destinations]]``: a PACS (Storage SCP) every result is sent to."""
+
+    name: str = field(metadata=meta(_dest_name))
+    ae_title: str = field(metadata=meta(_ae_title))
+    host: str = field(metadata=meta(non_empty))
+    port: int = field(metadata=meta(in_range(1, 65535)))
+    calling_ae: str | None = field(default=None, metadata=meta(_ae_title))
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """``[outbox]``: delivery retries and spool retention."""
+
+    retry_base_seconds: float = field(default=5.0, metadata=meta(in_range(0.01, 86400)))
+    retry_max_seconds: float = field(default=600.0, metadata=meta(in_range(0.01, 86400)))
+    max_attempts: int = field(default=50, metadata=meta(in_range(1, 100000)))
+    max_age_seconds: float = field(default=7 * 86400.0, metadata=meta(in_range(1, 365 * 86400)))
+    retention_seconds: float = field(default=86400.0, metadata=meta(in_range(0, 365 * 86400)))
+    association_idle_seconds: float = field(default=10.0, metadata=meta(in_range(0, 3600)))
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """``[http]``: metrics and health endpoints."""
 
@@ -157,6 +186,8 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    destinations: list[Destination] = field(default_factory=list)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
@@ -170,6 +201,12 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError(missing, "dicom.tls.cert and dicom.tls.key must be set together", src)
     if tls.ca is not None and tls.cert is None:
         raise ConfigError("dicom.tls.ca", "requires dicom.tls.cert and dicom.tls.key", src)
+    names = [d.name for d in cfg.destinations]
+    for i, d in enumerate(cfg.destinations):
+        if names.index(d.name) != i:
+            raise ConfigError(f"destinations[{i}].name", f"duplicate destination name {d.name!r}", src)
+        if (d.tls.cert is None) != (d.tls.key is None):
+            raise ConfigError(f"destinations[{i}].tls", "cert and key must be set together", src)
 
 
 def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
@@ -204,8 +241,8 @@ def to_toml(cfg: Config) -> str:
     """Render the effective configuration as TOML (unset optional keys are shown commented out)."""
     lines: list[str] = []
 
-    def section(obj: Any, name: str) -> None:
-        lines.append(f"[{name}]")
+    def section(obj: Any, name: str, header: str) -> None:
+        lines.append(header)
         nested: list[tuple[Any, str]] = []
         for f in dataclasses.fields(obj):
             if f.metadata.get("internal"):
@@ -219,9 +256,17 @@ def to_toml(cfg: Config) -> str:
                 lines.append(f"{f.name} = {to_toml_value(value)}")
         lines.append("")
         for sub, subname in nested:
-            section(sub, subname)
+            section(sub, subname, f"[{subname}]")
 
     for f in dataclasses.fields(cfg):
-        if not f.metadata.get("internal"):
-            section(getattr(cfg, f.name), f.name)
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(cfg, f.name)
+        if isinstance(value, list):  # arrays of tables: [[destinations]]
+            if not value:
+                lines.extend([f"# [[{f.name}]] (none)", ""])
+            for item in value:
+                section(item, f.name, f"[[{f.name}]]")
+        else:
+            section(value, f.name, f"[{f.name}]")
     return "\n".join(lines)

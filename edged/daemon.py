@@ -18,6 +18,7 @@ from types import FrameType
 from edged import logs, sdnotify
 from edged.config import Config
 from edged.dicom.scp import Listener, StoreHandler
+from edged.http import HttpServer
 from edged.inference.base import Engine
 from edged.inference.cache import ArtifactCache
 from edged.inference.repository import Repository
@@ -25,9 +26,10 @@ from edged.inference.repository import ModelSpec
 from edged.inference.select import resolve_backend, start_engine
 from edged.pipeline.router import Router
 from edged.pipeline.scheduler import Pipeline
+from edged.results.outbox import Outbox
 from edged.metrics import Metrics
 from edged.spool.journal import Journal
-from edged.spool.store import Spool
+from edged.spool.store import MASKS_DIR, RESULTS_DIR, Spool
 
 log = logging.getLogger("edged.daemon")
 
@@ -39,10 +41,13 @@ class Daemon:
         self.should_exit = threading.Event()
         self.force_exit = False
         self.journal: Journal | None = None
+        self.spool: Spool | None = None
         self.listener: Listener | None = None
         self.engines: dict[str, Engine] = {}
         self.models: dict[str, ModelSpec] = {}
         self.pipeline: Pipeline | None = None
+        self.http: HttpServer | None = None
+        self.outbox: Outbox | None = None
 
     # -- signals ------------------------------------------------------------------------------------
 
@@ -59,11 +64,13 @@ class Daemon:
 
     def startup(self) -> None:
         storage = self.cfg.storage
-        spool = Spool(storage.dir)
+        spool = self.spool = Spool(storage.dir)
         self.journal = Journal.open(storage.dir)
+        self.start_http()
         report = spool.reconcile(self.journal.instance_paths())
         flagged = self.journal.mark_missing(report.missing)
-        stale_masks = spool.reconcile_masks(self.journal.mask_paths())
+        stale_masks = spool.remove_unrecorded(MASKS_DIR, self.journal.mask_paths())
+        stale_masks += spool.remove_unrecorded(RESULTS_DIR, self.journal.result_paths())
         logs.event(log, logging.WARNING if (report.removed_unrecorded or flagged) else logging.INFO,
                    "spool.reconciled", removed_temp=report.removed_temp,
                    removed_unacknowledged=report.removed_unrecorded, missing_files=flagged, stale_masks=stale_masks,
@@ -72,8 +79,12 @@ class Daemon:
         router = None
         if self.engines:
             router = Router(self.models)
-            self.pipeline = Pipeline(self.journal, spool, self.models, self.engines, self.cfg.pipeline, self.metrics)
+            self.outbox = Outbox(self.cfg.destinations, self.journal, spool, self.cfg.outbox, self.metrics,
+                                 self.cfg.dicom.ae_title)
+            self.pipeline = Pipeline(self.journal, spool, self.models, self.engines, self.cfg.pipeline, self.metrics,
+                                     destinations=self.outbox.names, on_results=self.outbox.notify)
             self.pipeline.start()
+            self.outbox.start()
         handler = StoreHandler(spool, self.journal, self.cfg.dicom, min_free_bytes=storage.min_free_bytes,
                                max_pending=storage.max_pending, metrics=self.metrics, router=router,
                                on_stored=self.pipeline.notify if self.pipeline else None)
@@ -83,6 +94,28 @@ class Daemon:
         logs.event(log, logging.INFO, "listening", host=host, port=port, ae_title=self.cfg.dicom.ae_title,
                    tls=self.cfg.dicom.tls.enabled, storage=str(storage.dir))
         sdnotify.notify(f"READY=1\nSTATUS=listening on {host}:{port}")
+
+    def readiness_checks(self) -> dict:
+        def journal() -> str | None:
+            return None if self.journal is not None and self.journal.is_open else "journal closed"
+
+        def engines() -> str | None:
+            idle = [name for name, e in self.engines.items() if not e.active]
+            if self.models and len(self.engines) < len(self.models):
+                return "engines starting"
+            return f"inactive: {', '.join(idle)}" if idle else None
+
+        def listener() -> str | None:
+            return None if self.listener is not None and self.listener.bound else "listener not bound"
+
+        return {"journal": journal, "engines": engines, "listener": listener}
+
+    def start_http(self) -> None:
+        h = self.cfg.http
+        self.http = HttpServer(h.host, h.port, self.metrics.registry, self.readiness_checks())
+        self.http.start()
+        host, port = self.http.address
+        logs.event(log, logging.INFO, "http.listening", host=host, port=port)
 
     def start_engines(self) -> None:
         """Load the model repository and activate every model's engine on the chosen backend."""
@@ -105,12 +138,29 @@ class Daemon:
             if plans is not None:
                 plans.close()
 
+    def retention(self) -> None:
+        """Delete what every destination has (see Journal.purge), once retention has passed."""
+        if self.journal is None or self.spool is None:
+            return
+        instances, results = self.journal.purge(time.time() - self.cfg.outbox.retention_seconds)
+        for relpath in instances + results:
+            self.spool.remove(relpath)
+        if instances or results:
+            logs.event(log, logging.INFO, "retention.purged", instances=len(instances), results=len(results))
+
     def main_loop(self) -> None:
         interval = sdnotify.watchdog_interval()
         tick = min(0.5, interval) if interval else 0.5
+        next_retention = time.monotonic() + 5
         while not self.should_exit.wait(tick):
             if interval:
                 sdnotify.notify("WATCHDOG=1")
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + 30
+                try:
+                    self.retention()
+                except Exception:
+                    log.exception("retention sweep failed")
 
     def shutdown(self) -> None:
         logs.event(log, logging.INFO, "shutdown.begin")
@@ -127,10 +177,14 @@ class Daemon:
             left = 0.0 if self.force_exit else max(0.0, deadline - time.monotonic())
             if not self.pipeline.stop(left):
                 logs.event(log, logging.WARNING, "shutdown.jobs_unfinished", note="they resume at the next start")
+        if self.outbox is not None:
+            self.outbox.stop(timeout=max(1.0, deadline - time.monotonic()))
         for engine in self.engines.values():
             engine.deactivate()
         if self.journal is not None:
             self.journal.close()
+        if self.http is not None:
+            self.http.stop()
         logs.event(log, logging.INFO, "shutdown.complete")
 
     def run(self) -> None:

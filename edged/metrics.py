@@ -52,3 +52,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=r,
         )
+        self.deliveries = Counter(
+            "edged_deliveries_total",
+            "Delivery attempts' outcomes per destination (delivered, warning, failed, dead).",
+            ["destination", "result"], registry=r,
+        )
+        self.reports = Counter(
+            "edged_reports_total", "Report jobs (SR/SEG) finished, by model and result.", ["model", "result"],
+            registry=r,
+        )

@@ -17,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
+HTTP_LISTENING = re.compile(r"event=http.listening host=\S+ port=(\d+)")
 
 
 def require_tool(name: str) -> str:
@@ -62,6 +63,7 @@ class EdgedProcess:
         self.storage = workdir / "data"
         sections: dict[str, dict[str, Any]] = {
             "dicom": {"host": "127.0.0.1", "port": 0},
+            "http": {"host": "127.0.0.1", "port": 0},
             "storage": {"dir": str(self.storage), "min_free_bytes": 0},
             "daemon": {"shutdown_timeout": 10.0},
         }
@@ -71,6 +73,7 @@ class EdgedProcess:
         self.log_path = workdir / "edged.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.http_port = 0
         self.starts = 0
 
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> "EdgedProcess":
@@ -86,6 +89,7 @@ class EdgedProcess:
             found = LISTENING.findall(self.log_text())
             if len(found) >= self.starts:
                 self.port = int(found[-1])
+                self.http_port = int(HTTP_LISTENING.findall(self.log_text())[-1])
                 return self
             if self.proc.poll() is not None:
                 raise AssertionError(f"edged exited with {self.proc.returncode}:\n{self.log_text()}")

@@ -340,6 +340,10 @@ class Listener:
                 f"dicom: cannot listen on {self.cfg.host}:{self.cfg.port}: {exc.strerror or exc}"
             ) from None
 
+    @property
+    def bound(self) -> bool:
+        return self._server is not None and self._server.socket is not None and self._server.socket.fileno() >= 0
+
     def active(self) -> int:
         return len(self._server.active_associations) if self._server else 0
 

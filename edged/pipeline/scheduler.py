@@ -34,6 +34,7 @@ from edged.pipeline.assembler import Geometry, SliceInfo, assemble, slice_infos
 from edged.pipeline.batcher import Batcher, Outputs, Request
 from edged.pipeline.postprocess import Finding, classify, segment
 from edged.pipeline.preprocess import prepare_dataset
+from edged.results.report import build_report
 from edged.spool.journal import FindingRecord, Job, JobResult, Journal
 from edged.spool.store import Spool
 
@@ -159,8 +160,15 @@ class ModelLane:
 
 class Pipeline:
     def __init__(self, journal: Journal, spool: Spool, models: dict[str, ModelSpec], engines: dict[str, Engine],
-                 cfg: PipelineConfig, metrics: Metrics,
+                 cfg: PipelineConfig, metrics: Metrics, destinations: list[str] | None = None,
+                 on_results: Callable[[], None] | None = None,
                  on_jobs_done: Callable[[list[int]], None] | None = None) -> None:
+        self.models = models
+        self.destinations = list(destinations or [])
+        self.on_results = on_results
+        self.reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reports")
+        self.reports_in_flight = 0
+        self._reports_lock = threading.Lock()
         self.journal = journal
         self.spool = spool
         self.cfg = cfg
@@ -190,7 +198,7 @@ class Pipeline:
         self._wake.set()
 
     def in_flight(self) -> int:
-        return sum(lane.in_flight for lane in self.lanes.values())
+        return sum(lane.in_flight for lane in self.lanes.values()) + self.reports_in_flight
 
     def stop(self, timeout: float) -> bool:
         """Stop claiming, let jobs in flight finish within ``timeout``, flush findings. True if all finished."""
@@ -201,6 +209,7 @@ class Pipeline:
         while self.in_flight() and time.monotonic() < deadline:
             time.sleep(0.02)
         drained = self.in_flight() == 0
+        self.reports.shutdown(wait=drained, cancel_futures=not drained)
         for name, lane in self.lanes.items():
             lane.batcher.stop(timeout=max(0.1, deadline - time.monotonic()))
             lane.pool.shutdown(wait=drained, cancel_futures=not drained)
@@ -237,6 +246,38 @@ class Pipeline:
             lane.add(len(jobs))
             for job in jobs:
                 lane.pool.submit(self._prepare, lane, job)
+        room = 4 - self.reports_in_flight
+        if room > 0:
+            for job in self.journal.claim_jobs(None, room, self.cfg.lease_seconds, self.token, reports=True):
+                with self._reports_lock:
+                    self.reports_in_flight += 1
+                self.reports.submit(self._report, job)
+
+    # -- reports (SR / SEG) -----------------------------------------------------------------------
+
+    def _report(self, job: Job) -> None:
+        t0 = time.monotonic()
+        try:
+            spec = self.models.get(job.model)
+            if spec is None or spec.version != job.model_version:
+                raise LookupError("the model version that made these findings is no longer loaded")
+            records = build_report(job, spec, self.journal, self.spool)
+            if self.journal.finish_report(job, records, self.destinations):
+                self.metrics.reports.labels(job.model, "done").inc()
+                self.metrics.stage_seconds.labels(job.model, "object_write").observe(time.monotonic() - t0)
+                logs.event(log, logging.INFO, "report.written", job=job.id, model=job.model,
+                           objects=len(records), generation=job.generation)
+                if self.on_results is not None:
+                    self.on_results()
+        except Exception as exc:
+            state = self.journal.fail_job(job, _reason(exc), self.cfg.max_attempts, self.cfg.retry_seconds)
+            self.metrics.reports.labels(job.model, state).inc()
+            logs.event(log, logging.WARNING, "report.failed", job=job.id, model=job.model, state=state,
+                       error=type(exc).__name__)
+        finally:
+            with self._reports_lock:
+                self.reports_in_flight -= 1
+            self._wake.set()
 
     # -- one job ----------------------------------------------------------------------------------
 

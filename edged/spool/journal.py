@@ -26,8 +26,13 @@ JOURNAL_NAME = "journal.sqlite3"
 
 #: Instance states. ``received``: stored and acknowledged, its jobs not all finished yet.
 #: ``done``: every job that needs it has finished (done or dead). ``missing``: the journal had a row whose
-#: file was gone at start (found and logged by reconcile).
-INSTANCE_STATES = ("received", "done", "missing")
+#: file was gone at start (found and logged by reconcile). ``purged``: its file was removed by retention
+#: after every result of its series was delivered.
+INSTANCE_STATES = ("received", "done", "missing", "purged")
+#: Delivery states (outbox): pending (with its next attempt time) -> delivered | dead.
+DELIVERY_STATES = ("pending", "delivered", "dead")
+#: Job levels: one instance, one series, or the report (SR/SEG) of a series for one model.
+JOB_LEVELS = ("instance", "series", "report")
 #: Job states: pending -> running -> done | failed (retried after a delay) -> dead after max attempts.
 JOB_STATES = ("pending", "running", "done", "failed", "dead")
 UNFINISHED_JOB_STATES = ("pending", "running", "failed")
@@ -121,6 +126,42 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """,
         "CREATE INDEX findings_job ON findings (job_id)",
     ),
+    # 2 -> 3: results (SR, SEG) and their deliveries (outbox)
+    (
+        """
+        CREATE TABLE results (
+            id INTEGER PRIMARY KEY,
+            job_id INTEGER NOT NULL REFERENCES jobs (id),
+            model TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            series_instance_uid TEXT NOT NULL,
+            generation INTEGER NOT NULL,
+            sop_class_uid TEXT NOT NULL,
+            sop_instance_uid TEXT NOT NULL UNIQUE,
+            path TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'stored',
+            created_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX results_series ON results (series_instance_uid, model)",
+        """
+        CREATE TABLE deliveries (
+            id INTEGER PRIMARY KEY,
+            result_id INTEGER NOT NULL REFERENCES results (id),
+            destination TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_status TEXT,
+            last_error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            delivered_at REAL,
+            UNIQUE (result_id, destination)
+        )
+        """,
+        "CREATE INDEX deliveries_due ON deliveries (destination, state, next_attempt_at)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -175,6 +216,30 @@ class FindingRecord:
     probability: float
     measurements: dict[str, object]
     mask_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """A DICOM object edged wrote (SR or SEG), stored in the spool at ``path``."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A result to send to one destination."""
+
+    id: int
+    result_id: int
+    destination: str
+    path: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    attempts: int
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -233,6 +298,10 @@ class Journal:
         return int(row.fetchone()[0])
 
     # -- instances -------------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
 
     @property
     def pending(self) -> int:
@@ -330,20 +399,41 @@ class Journal:
                         "INSERT OR IGNORE INTO jobs (model, model_version, level, series_instance_uid, generation,"
                         " created_at, updated_at) VALUES (?,?,'series',?,?,?,?)",
                         (model, version, uid, generation, now, now)).rowcount
+                # One report (SR, and SEG for segmentation) per model that ran on the series, this generation.
+                for model, version in conn.execute(
+                        "SELECT DISTINCT model, model_version FROM jobs WHERE series_instance_uid = ?"
+                        " AND level != 'report'", (uid,)).fetchall():
+                    created += conn.execute(
+                        "INSERT OR IGNORE INTO jobs (model, model_version, level, series_instance_uid, generation,"
+                        " created_at, updated_at) VALUES (?,?,'report',?,?,?,?)",
+                        (model, version, uid, generation, now, now)).rowcount
                 done.append((uid, created))
             if rows:
                 self._settle_instances(conn, [uid for uid, _ in rows])
         return done
 
-    def claim_jobs(self, model: str, limit: int, lease_seconds: float, token: str,
-                   now: float | None = None) -> list[Job]:
-        """Lease up to ``limit`` runnable jobs of ``model`` (pending, or failed and due for retry)."""
+    def claim_jobs(self, model: str | None, limit: int, lease_seconds: float, token: str,
+                   now: float | None = None, reports: bool = False) -> list[Job]:
+        """Lease up to ``limit`` runnable jobs (pending, or failed and due for retry).
+
+        Inference jobs (instance, series) of ``model``; or, with ``reports``, report jobs of any model
+        whose inference jobs on that series have all finished.
+        """
         now = time.time() if now is None else now
+        unfinished = ",".join(f"'{s}'" for s in UNFINISHED_JOB_STATES)
+        if reports:
+            where = ("r.level = 'report' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.model = r.model"
+                     " AND j.series_instance_uid = r.series_instance_uid AND j.level != 'report'"
+                     f" AND j.state IN ({unfinished}))")
+            args: tuple = ()
+        else:
+            where, args = "r.model = ? AND r.level != 'report'", (model,)
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT id, model, model_version, level, sop_instance_uid, series_instance_uid, generation, attempts"
-                " FROM jobs WHERE model = ? AND (state = 'pending' OR (state = 'failed' AND retry_at <= ?))"
-                " ORDER BY id LIMIT ?", (model, now, limit)).fetchall()
+                "SELECT r.id, r.model, r.model_version, r.level, r.sop_instance_uid, r.series_instance_uid,"
+                f" r.generation, r.attempts FROM jobs r WHERE {where}"
+                " AND (r.state = 'pending' OR (r.state = 'failed' AND r.retry_at <= ?))"
+                " ORDER BY r.id LIMIT ?", (*args, now, limit)).fetchall()
             for row in rows:
                 conn.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = ?, lease_until = ?,"
@@ -445,6 +535,122 @@ class Journal:
             ).fetchall()
         return [dict(r) for r in rows]
 
+    # -- reports, results and the outbox -----------------------------------------------------------
+
+    def report_findings(self, model: str, series_uid: str) -> list[dict[str, Any]]:
+        """Findings of a model on a series for its report: every instance job's (any generation), and the
+        latest series job's."""
+        with self._lock:
+            cur = self._c().cursor()
+            cur.row_factory = sqlite3.Row
+            rows = cur.execute(
+                "SELECT f.*, j.level, j.sop_instance_uid, j.generation, j.sources, j.model_version FROM findings f"
+                " JOIN jobs j ON j.id = f.job_id WHERE j.model = ? AND j.series_instance_uid = ? AND j.state = 'done'"
+                " AND (j.level = 'instance' OR j.generation = (SELECT MAX(generation) FROM jobs"
+                "   WHERE model = ? AND series_instance_uid = ? AND level = 'series' AND state = 'done'))"
+                " ORDER BY f.id", (model, series_uid, model, series_uid)).fetchall()
+        return [dict(r) for r in rows]
+
+    def previous_result(self, model: str, series_uid: str, kind: str, generation: int) -> dict[str, Any] | None:
+        """The latest result of this kind for an earlier generation (the document a new one supersedes)."""
+        with self._lock:
+            cur = self._c().cursor()
+            cur.row_factory = sqlite3.Row
+            row = cur.execute(
+                "SELECT * FROM results WHERE model = ? AND series_instance_uid = ? AND kind = ? AND generation < ?"
+                " ORDER BY generation DESC LIMIT 1", (model, series_uid, kind, generation)).fetchone()
+        return dict(row) if row else None
+
+    def finish_report(self, job: Job, results: list[ResultRecord], destinations: list[str]) -> bool:
+        """Record a report job's results and queue one delivery per result x destination, atomically.
+        False if the job's lease was lost (nothing recorded)."""
+        now = time.time()
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, lease_until = NULL, last_error = NULL"
+                " WHERE id = ? AND state = 'running' AND lease_token = ?", (now, now, job.id, job.lease_token))
+            if cur.rowcount != 1:
+                return False
+            for r in results:
+                rid = conn.execute(
+                    "INSERT INTO results (job_id, model, kind, series_instance_uid, generation, sop_class_uid,"
+                    " sop_instance_uid, path, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (sop_instance_uid) DO UPDATE SET path = excluded.path RETURNING id",
+                    (job.id, job.model, r.kind, job.series_instance_uid, job.generation, r.sop_class_uid,
+                     r.sop_instance_uid, r.path, now)).fetchone()[0]
+                conn.executemany(
+                    "INSERT OR IGNORE INTO deliveries (result_id, destination, next_attempt_at, created_at, updated_at)"
+                    " VALUES (?,?,?,?,?)", [(rid, d, now, now, now) for d in destinations])
+        return True
+
+    def due_deliveries(self, destination: str, limit: int, now: float | None = None) -> list[Delivery]:
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._c().execute(
+                "SELECT d.id, d.result_id, d.destination, r.path, r.sop_instance_uid, r.sop_class_uid, d.attempts,"
+                " d.created_at"
+                " FROM deliveries d JOIN results r ON r.id = d.result_id WHERE d.destination = ?"
+                " AND d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.id LIMIT ?",
+                (destination, now, limit)).fetchall()
+        return [Delivery(*r) for r in rows]
+
+    def next_delivery_at(self, destination: str) -> float | None:
+        with self._lock:
+            row = self._c().execute("SELECT MIN(next_attempt_at) FROM deliveries WHERE destination = ?"
+                                    " AND state = 'pending'", (destination,)).fetchone()
+        return row[0]
+
+    def delivered(self, delivery_id: int, status: str) -> None:
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute("UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_status = ?,"
+                         " last_error = NULL, delivered_at = ?, updated_at = ? WHERE id = ?",
+                         (status, now, now, delivery_id))
+
+    def delivery_failed(self, delivery_id: int, error: str, status: str | None, next_attempt_at: float | None) -> None:
+        """A failed attempt: retry at ``next_attempt_at``, or dead when it is None."""
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, last_status = ?, updated_at = ?,"
+                " state = CASE WHEN ? IS NULL THEN 'dead' ELSE 'pending' END,"
+                " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+                (error[:300], status, now, next_attempt_at, next_attempt_at, delivery_id))
+
+    def purge(self, older_than: float) -> tuple[list[str], list[str]]:
+        """Mark what retention may delete as ``purged``; returns (instance paths, result paths) to remove.
+
+        A result goes once every delivery of it succeeded. An instance goes once its jobs are all finished,
+        every report on its series is written and every result of its series delivered. Both only after
+        ``older_than`` (a time) and only if there is at least one delivery: without a destination nothing
+        leaves the box, so nothing is deleted. The caller deletes the files after this commits (a crash in
+        between leaves files the next start-up reconciliation removes).
+        """
+        with self._tx() as conn:
+            results = conn.execute(
+                "SELECT r.id, r.path FROM results r WHERE r.state = 'stored' AND r.created_at < ?"
+                " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.result_id = r.id)"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.result_id = r.id AND d.state != 'delivered')",
+                (older_than,)).fetchall()
+            unfinished = ",".join(f"'{s}'" for s in UNFINISHED_JOB_STATES)
+            instances = conn.execute(
+                "SELECT i.id, i.path FROM instances i WHERE i.state = 'done' AND i.received_at < ?"
+                " AND EXISTS (SELECT 1 FROM results r WHERE r.series_instance_uid = i.series_instance_uid)"
+                " AND NOT EXISTS (SELECT 1 FROM series s WHERE s.series_instance_uid = i.series_instance_uid"
+                "   AND s.state = 'open')"
+                f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = i.series_instance_uid"
+                f"   AND j.state IN ({unfinished}))"
+                " AND NOT EXISTS (SELECT 1 FROM results r JOIN deliveries d ON d.result_id = r.id"
+                "   WHERE r.series_instance_uid = i.series_instance_uid AND d.state != 'delivered')",
+                (older_than,)).fetchall()
+            conn.executemany("UPDATE results SET state = 'purged' WHERE id = ?", [(r[0],) for r in results])
+            conn.executemany("UPDATE instances SET state = 'purged' WHERE id = ?", [(r[0],) for r in instances])
+        return [r[1] for r in instances], [r[1] for r in results]
+
+    def result_paths(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._c().execute("SELECT path FROM results WHERE state = 'stored'")}
+
     def mask_paths(self) -> set[str]:
         with self._lock:
             return {r[0] for r in self._c().execute("SELECT mask_path FROM findings WHERE mask_path IS NOT NULL")}
@@ -452,7 +658,7 @@ class Journal:
     def instance_paths(self) -> set[str]:
         """Relative spool paths of every recorded instance (used by start-up reconciliation)."""
         with self._lock:
-            return {r[0] for r in self._c().execute("SELECT path FROM instances")}
+            return {r[0] for r in self._c().execute("SELECT path FROM instances WHERE state != 'purged'")}
 
     def mark_missing(self, paths: list[str]) -> int:
         """Mark the rows whose file is gone as ``missing``; returns how many changed."""
@@ -535,9 +741,59 @@ def read_counts(storage_dir: Path) -> dict[str, Any]:
                 jobs[state] += int(n)
                 models.setdefault(model, {s: 0 for s in JOB_STATES})[state] = int(n)
             oldest = conn.execute("SELECT MIN(created_at) FROM jobs WHERE state IN ('pending', 'failed')").fetchone()[0]
+            deliveries = {s: 0 for s in DELIVERY_STATES}
+            for state, n in conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"):
+                deliveries[state] = int(n)
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise JournalError(path, str(exc)) from None
-    return {"instances": instances, "jobs": jobs, "models": models,
+    return {"instances": instances, "jobs": jobs, "models": models, "deliveries": deliveries,
             "oldest_pending_job_seconds": None if oldest is None else max(0.0, time.time() - oldest)}
+
+
+def _external(storage_dir: Path) -> sqlite3.Connection:
+    """A connection for a CLI process working beside the daemon (WAL lets both go on)."""
+    path = storage_dir / JOURNAL_NAME
+    if not path.exists():
+        raise JournalError(path, "no journal here (has the daemon run with this storage dir?)")
+    conn = _connect(path)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def list_deliveries(storage_dir: Path, dead_only: bool = False) -> list[dict[str, Any]]:
+    """Deliveries not yet delivered (pending and dead), or only the dead ones, oldest first."""
+    states = ("dead",) if dead_only else ("pending", "dead")
+    conn = _external(storage_dir)
+    try:
+        rows = conn.execute(
+            "SELECT d.id, d.destination, d.state, d.attempts, d.last_status, d.last_error, d.next_attempt_at,"
+            " d.created_at, r.kind, r.model FROM deliveries d JOIN results r ON r.id = d.result_id"
+            f" WHERE d.state IN ({','.join('?' * len(states))}) ORDER BY d.id", states).fetchall()
+    except sqlite3.Error as exc:
+        raise JournalError(storage_dir / JOURNAL_NAME, str(exc)) from None
+    finally:
+        conn.close()
+    return [dict(r) for r in rows]
+
+
+def retry_deliveries(storage_dir: Path, ids: list[int] | None = None) -> int:
+    """Put dead deliveries (these ids, or all when None) back to pending, due now. Returns how many."""
+    now = time.time()
+    conn = _external(storage_dir)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        if ids is None:
+            cur = conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+                               " updated_at = ? WHERE state = 'dead'", (now, now))
+        else:
+            cur = conn.execute(
+                f"UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
+                f" WHERE state = 'dead' AND id IN ({','.join('?' * len(ids))})", (now, now, *ids))
+        conn.execute("COMMIT")
+        return cur.rowcount
+    except sqlite3.Error as exc:
+        raise JournalError(storage_dir / JOURNAL_NAME, str(exc)) from None
+    finally:
+        conn.close()

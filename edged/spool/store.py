@@ -27,6 +27,7 @@ from edged.errors import SpoolError
 SPOOL_DIR = "spool"
 INSTANCES_DIR = "instances"
 MASKS_DIR = "masks"
+RESULTS_DIR = "results"
 TMP_DIR = "tmp"
 TMP_SUFFIX = ".part"
 
@@ -69,10 +70,10 @@ class Spool:
         self.instances = self.root / INSTANCES_DIR
         self.tmp = self.root / TMP_DIR
         self.masks = self.root / MASKS_DIR
+        self.results = self.root / RESULTS_DIR
         try:
-            _make_dir(self.instances)
-            _make_dir(self.tmp)
-            _make_dir(self.masks)
+            for d in (self.instances, self.tmp, self.masks, self.results):
+                _make_dir(d)
         except OSError as exc:
             raise SpoolError(self.root, f"cannot create directory: {exc.strerror or exc}") from None
         self._counter = 0
@@ -132,10 +133,11 @@ class Spool:
             pass
 
     def remove(self, relpath: str) -> None:
-        """Remove a committed file (used when its journal row could not be written)."""
+        """Remove a committed file (its journal row could not be written, or retention let it go)."""
+        path = self.storage_dir / relpath
         try:
-            (self.storage_dir / relpath).unlink()
-            _fsync_dir(self.instances)
+            path.unlink()
+            _fsync_dir(path.parent)
         except FileNotFoundError:
             pass
 
@@ -151,16 +153,20 @@ class Spool:
         with np.load(self.storage_dir / relpath) as data:
             return data["mask"]
 
-    def reconcile_masks(self, recorded: set[str]) -> int:
-        """Remove mask files no finding refers to (written by a job that never committed)."""
+    def remove_unrecorded(self, subdir: str, recorded: set[str]) -> int:
+        """Remove files of ``spool/<subdir>`` the journal does not refer to (written by work that never
+        committed, or left by a crash during retention)."""
+        folder = self.root / subdir
+        if not folder.is_dir():
+            return 0
         removed = 0
-        prefix = f"{SPOOL_DIR}/{MASKS_DIR}/"
-        for p in self.masks.iterdir():
+        prefix = f"{SPOOL_DIR}/{subdir}/"
+        for p in folder.iterdir():
             if prefix + p.name not in recorded:
                 p.unlink(missing_ok=True)
                 removed += 1
         if removed:
-            _fsync_dir(self.masks)
+            _fsync_dir(folder)
         return removed
 
     def reconcile(self, recorded: set[str]) -> ReconcileReport:

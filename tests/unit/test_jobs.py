@@ -86,13 +86,14 @@ def test_series_job_after_quiet_period_and_reopen(j: Journal) -> None:
         j.add_instance(rec(str(i)), [CLS, SEG])
     now = time.time()
     assert j.complete_series(quiet_seconds=10, now=now) == []  # still arriving
-    assert j.complete_series(quiet_seconds=10, now=now + 11) == [("9.1", 1)]
+    # the series job, and a report job per model (cls, seg)
+    assert j.complete_series(quiet_seconds=10, now=now + 11) == [("9.1", 3)]
     (sjob,) = j.claim_jobs("seg", 5, 60, "t")
     assert sjob.level == "series" and sjob.generation == 0
     j.finish_jobs([JobResult(sjob, finding(), ["0", "1", "2"])])
     # A late instance reopens the series: a new job, next generation.
     j.add_instance(rec("3"), [CLS, SEG])
-    assert j.complete_series(quiet_seconds=10, now=time.time() + 11) == [("9.1", 1)]
+    assert j.complete_series(quiet_seconds=10, now=time.time() + 11) == [("9.1", 3)]
     (again,) = j.claim_jobs("seg", 5, 60, "t")
     assert again.generation == 1 and again.id != sjob.id
 
@@ -100,7 +101,7 @@ def test_series_job_after_quiet_period_and_reopen(j: Journal) -> None:
 def test_expected_count_completes_at_once(j: Journal) -> None:
     for i in range(4):
         j.add_instance(rec(str(i), expected=4), [SEG])
-    assert j.complete_series(quiet_seconds=3600) == [("9.1", 1)]
+    assert j.complete_series(quiet_seconds=3600) == [("9.1", 2)]  # series job + report job
 
 
 def test_instances_stay_pending_until_their_series_job_is_done(j: Journal) -> None:
@@ -119,3 +120,15 @@ def test_status_reports_oldest_pending_age(j: Journal) -> None:
     counts = read_counts(j.path.parent)
     assert counts["jobs"]["pending"] == 1
     assert counts["oldest_pending_job_seconds"] is not None and counts["oldest_pending_job_seconds"] >= 0
+
+
+def test_report_waits_for_the_models_jobs_on_the_series(j: Journal) -> None:
+    for i in range(2):
+        j.add_instance(rec(str(i)), [CLS])
+    j.complete_series(quiet_seconds=0, now=time.time() + 1)
+    assert j.claim_jobs(None, 5, 60, "t", reports=True) == []  # instance jobs still pending
+    for job in j.claim_jobs("cls", 5, 60, "t"):
+        assert job.level == "instance"  # inference lanes never take report jobs
+        j.finish_jobs([JobResult(job, finding(), [job.sop_instance_uid])])
+    (report,) = j.claim_jobs(None, 5, 60, "t", reports=True)
+    assert report.level == "report" and report.model == "cls"

@@ -1,0 +1,198 @@
+"""The outbox: every result to every destination, with C-STORE, durably.
+
+Deliveries live in the journal (one per result x destination). One sender thread per destination
+takes the deliveries that are due, sends them over one association it keeps open while there is work
+(and releases after ``association_idle_seconds``), and records each outcome: Success (and Warning,
+logged and counted) is delivered; a failure is retried after an exponential back-off with jitter
+(``retry_base_seconds`` doubling up to ``retry_max_seconds``); after ``max_attempts`` or ``max_age``
+a delivery is dead, kept with its reason until an operator retries it (``edged outbox retry``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any
+
+from pynetdicom import AE
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from edged import logs
+from edged.config import Destination, OutboxConfig
+from edged.metrics import Metrics
+from edged.spool.journal import Delivery, Journal
+from edged.spool.store import Spool
+
+log = logging.getLogger("edged.outbox")
+
+#: Statuses a Storage SCP answers that mean "stored" (PS3.4 B.2.3): Success and the Warnings.
+STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+BATCH = 32
+
+
+def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Seconds before attempt ``attempt + 1``: full jitter over an exponential ceiling."""
+    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+class Sender:
+    """Sends one destination's deliveries on its own thread."""
+
+    def __init__(self, dest: Destination, journal: Journal, spool: Spool, cfg: OutboxConfig, metrics: Metrics,
+                 calling_ae: str) -> None:
+        self.dest = dest
+        self.journal = journal
+        self.spool = spool
+        self.cfg = cfg
+        self.metrics = metrics
+        self.calling_ae = dest.calling_ae or calling_ae
+        self.rng = random.Random()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._assoc: Any = None
+        self._last_used = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"outbox-{dest.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # -- association ------------------------------------------------------------------------------
+
+    def _associate(self, contexts: set[tuple[str, str]]) -> Any:
+        if self._assoc is not None and self._assoc.is_established:
+            have = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in self._assoc.accepted_contexts}
+            if contexts <= have:
+                return self._assoc
+            self._release()
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        for sop_class in sorted({c for c, _ in contexts}):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        tls = None
+        if self.dest.tls.ca is not None or self.dest.tls.cert is not None:
+            import ssl
+
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=str(self.dest.tls.ca) if self.dest.tls.ca else None)
+            ctx.check_hostname = False
+            if self.dest.tls.cert is not None:
+                ctx.load_cert_chain(str(self.dest.tls.cert), str(self.dest.tls.key))
+            tls = (ctx, None)
+        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls)
+        if not assoc.is_established:
+            raise ConnectionError("association rejected" if assoc.is_rejected else "association failed")
+        self._assoc = assoc
+        return assoc
+
+    def _release(self) -> None:
+        if self._assoc is not None:
+            try:
+                if self._assoc.is_established:
+                    self._assoc.release()
+            except Exception:
+                pass
+            self._assoc = None
+
+    # -- loop -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                due = self.journal.due_deliveries(self.dest.name, BATCH)
+            except Exception:
+                log.exception("outbox: cannot read deliveries")
+                due = []
+            if due:
+                self._send(due)
+                continue
+            if self._assoc is not None and time.monotonic() - self._last_used > self.cfg.association_idle_seconds:
+                self._release()
+            nxt = self.journal.next_delivery_at(self.dest.name) if self.journal.is_open else None
+            wait = 1.0 if nxt is None else min(1.0, max(0.01, nxt - time.time()))
+            self._wake.wait(wait)
+            self._wake.clear()
+        self._release()
+
+    def _send(self, due: list[Delivery]) -> None:
+        contexts: set[tuple[str, str]] = set()
+        for d in due:
+            contexts.add((d.sop_class_uid, ExplicitVRLittleEndian))
+        try:
+            assoc = self._associate(contexts)
+        except Exception as exc:
+            for d in due:
+                self._failed(d, f"{type(exc).__name__}: {exc}", None)
+            return
+        for d in due:
+            if self._stop.is_set():
+                break
+            t0 = time.monotonic()
+            try:
+                rsp = assoc.send_c_store(self.spool.path(d.path))
+                code = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+            except Exception as exc:
+                self._failed(d, f"{type(exc).__name__}: {exc}", None)
+                self._release()
+                return
+            self._last_used = time.monotonic()
+            if code is None:
+                self._failed(d, "no response (association lost)", None)
+                self._release()
+                return
+            status = f"0x{code:04X}"
+            if code in STORED:
+                self.journal.delivered(d.id, status)
+                self.metrics.deliveries.labels(self.dest.name, "delivered").inc()
+                self.metrics.stage_seconds.labels("all", "delivery").observe(time.monotonic() - t0)
+                if code != 0:
+                    self.metrics.deliveries.labels(self.dest.name, "warning").inc()
+                    logs.event(log, logging.WARNING, "delivery.warning", destination=self.dest.name, status=status,
+                               delivery=d.id)
+            else:
+                self._failed(d, f"C-STORE status {status}", status)
+
+    def _failed(self, d: Delivery, error: str, status: str | None) -> None:
+        attempts = d.attempts + 1
+        too_old = time.time() - d.created_at > self.cfg.max_age_seconds
+        if attempts >= self.cfg.max_attempts or too_old:
+            nxt = None
+            self.metrics.deliveries.labels(self.dest.name, "dead").inc()
+        else:
+            nxt = time.time() + backoff(attempts, self.cfg.retry_base_seconds, self.cfg.retry_max_seconds, self.rng)
+            self.metrics.deliveries.labels(self.dest.name, "failed").inc()
+        self.journal.delivery_failed(d.id, error, status, nxt)
+        logs.event(log, logging.WARNING, "delivery.failed", destination=self.dest.name, delivery=d.id,
+                   attempt=attempts, state="dead" if nxt is None else "retry", error=error.split(":")[0])
+
+
+class Outbox:
+    def __init__(self, destinations: list[Destination], journal: Journal, spool: Spool, cfg: OutboxConfig,
+                 metrics: Metrics, calling_ae: str) -> None:
+        self.senders = [Sender(d, journal, spool, cfg, metrics, calling_ae) for d in destinations]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.dest.name for s in self.senders]
+
+    def start(self) -> None:
+        for s in self.senders:
+            s.start()
+
+    def notify(self) -> None:
+        for s in self.senders:
+            s.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for s in self.senders:
+            s.stop(timeout)

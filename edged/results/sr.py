@@ -1,0 +1,173 @@
+"""DICOM Comprehensive 3D SR following TID 1500 (Measurement Report), with highdicom.
+
+One document per source series and model (and generation): a radiologist's viewer shows one report
+beside the series, not one per slice. Content:
+
+* TID 1001 observation context with edged as the device observer (TID 1004);
+* procedure reported; the image library of the source images (TID 1600, by highdicom);
+* per finding, a measurement group: TID 1501 (image-level: classification, one group per instance and
+  label, referencing its source image) or TID 1411 (volumetric: segmentation, referencing the SEG
+  segment), each with the algorithm identification (TID 4019: model name, version, parameters), the
+  finding type, a qualitative evaluation (present / absent) and measurements in UCUM units
+  (probability {1}; area mm2 or volume mm3), and for a lesion its centroid as a 3D point (a TID 1411
+  group with geometric purpose Center of Mass).
+
+The document is neither complete nor verified (``is_final`` / ``is_verified`` false): it is an
+algorithm's output awaiting a radiologist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    Comprehensive3DSR,
+    DeviceObserverIdentifyingAttributes,
+    GraphicTypeValues3D,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    ReferencedSegment,
+    SourceImageForMeasurementGroup,
+    SourceSeriesForSegmentation,
+    TrackingIdentifier,
+    VolumeSurface,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
+
+from edged import __version__
+from edged.dicom.uids import derived_uid
+from edged.inference.repository import ModelSpec
+from edged.results.seg import coded
+
+SR_SERIES_NUMBER = 9901
+PROBABILITY = CodedConcept("122157", "DCM", "Probability")
+UNITLESS = CodedConcept("1", "UCUM", "no units")
+MM2 = CodedConcept("mm2", "UCUM", "square millimeter")
+MM3 = CodedConcept("mm3", "UCUM", "cubic millimeter")
+PRESENT = CodedConcept("52101004", "SCT", "Present")
+ABSENT = CodedConcept("272519000", "SCT", "Absent")
+#: Procedure reported by modality (CID 100), with a generic fallback.
+PROCEDURES = {
+    "CT": CodedConcept("77477000", "SCT", "Computed tomography"),
+    "MR": CodedConcept("113091000", "SCT", "Magnetic resonance imaging"),
+}
+IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """Where a label's mask went: the SEG instance and its segment number."""
+
+    sop_instance_uid: str
+    segment_number: int
+    series_instance_uid: str
+
+
+def algorithm(spec: ModelSpec, threshold: float) -> AlgorithmIdentification:
+    """TID 4019 Algorithm Identification."""
+    return AlgorithmIdentification(name=spec.name, version=spec.version,
+                                   parameters=[f"threshold={threshold:g}", f"task={spec.task}"], manufacturer="edged")
+
+
+def _common(finding: dict[str, Any], label: Any) -> tuple[list[Measurement], QualitativeEvaluation]:
+    measurements = [Measurement(name=PROBABILITY, value=float(finding["probability"]), unit=UNITLESS)]
+    evaluation = QualitativeEvaluation(name=coded(label.code), value=PRESENT if finding["present"] else ABSENT)
+    return measurements, evaluation
+
+
+def _size_measurements(m: dict[str, Any]) -> list[Measurement]:
+    if "volume_mm3" in m:
+        return [Measurement(name=codes.SCT.Volume, value=float(m["volume_mm3"]), unit=MM3)]
+    if "area_mm2" in m:
+        return [Measurement(name=codes.SCT.Area, value=float(m["area_mm2"]), unit=MM2)]
+    return []
+
+
+def _centroid_group(tracking: TrackingIdentifier, spec: ModelSpec, label: Any, m: dict[str, Any],
+                    frame_of_reference: str | None, source_series: str) -> Any:
+    """TID 1411 group whose volume surface is a POINT with geometric purpose Center of Mass: the lesion
+    centroid in patient coordinates (mm), tracked as the same finding as the group referencing the SEG."""
+    if "centroid_mm" not in m or not frame_of_reference:
+        return None
+    surface = VolumeSurface(graphic_type=GraphicTypeValues3D.POINT,
+                            graphic_data=np.array([m["centroid_mm"]], dtype=float),
+                            frame_of_reference_uid=frame_of_reference,
+                            source_series=SourceSeriesForSegmentation(source_series))
+    return VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, referenced_volume_surface=surface, geometric_purpose=codes.DCM.CenterOfMass,
+        finding_type=coded(label.code), algorithm_id=algorithm(spec, label.threshold))
+
+
+def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[str, Any]], series_uid: str,
+             sop_uid: str, instance_number: int, device_uid: str, segments: dict[str, SegmentRef],
+             predecessor: Dataset | None = None, extra_evidence: list[Dataset] = ()) -> Comprehensive3DSR:  # type: ignore[assignment]
+    """The TID 1500 report for one model on one series.
+
+    ``evidence``: header-only datasets of the source images (highdicom copies them; no pixel data).
+    ``findings``: journal rows (label, present, probability, measurements, level, sop_instance_uid).
+    ``segments``: label name -> SEG segment, for labels whose mask went into a SEG.
+    ``predecessor``: the report this one supersedes (a reopened series), referenced as a previous version.
+    ``extra_evidence``: other objects the content references (the SEG), header only.
+    """
+    labels = {label.name: label for out in spec.outputs for label in out.labels}
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
+    frame_of_reference = str(getattr(evidence[0], "FrameOfReferenceUID", "") or "") or None
+    groups: list[Any] = []
+    for f in findings:
+        label = labels[f["label"]]
+        measurements, evaluation = _common(f, label)
+        m = f["measurements_dict"]
+        tracking = TrackingIdentifier(
+            uid=derived_uid("tracking", f.get("sop_instance_uid") or series_uid, spec.name, spec.version, label.name),
+            identifier=f"{label.name}"[:64])
+        if f["level"] == "instance":
+            ds = by_uid[f["sop_instance_uid"]]
+            groups.append(MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking, finding_type=coded(label.code), algorithm_id=algorithm(spec, label.threshold),
+                measurements=measurements + _size_measurements(m), qualitative_evaluations=[evaluation],
+                source_images=[SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID))]))
+        elif label.name in segments:
+            seg = segments[label.name]
+            groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_segment=ReferencedSegment(
+                    sop_class_uid=SegmentationStorage, sop_instance_uid=seg.sop_instance_uid,
+                    segment_number=seg.segment_number,
+                    source_series=SourceSeriesForSegmentation(seg.series_instance_uid)),
+                finding_type=coded(label.code), algorithm_id=algorithm(spec, label.threshold),
+                measurements=measurements + _size_measurements(m), qualitative_evaluations=[evaluation]))
+            centroid = _centroid_group(tracking, spec, label, m, frame_of_reference,
+                                       str(evidence[0].SeriesInstanceUID))
+            if centroid is not None:
+                groups.append(centroid)
+        else:  # a series-level finding without a mask (absent): image-level group over the series
+            groups.append(MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking, finding_type=coded(label.code), algorithm_id=algorithm(spec, label.threshold),
+                measurements=measurements, qualitative_evaluations=[evaluation]))
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid, name="edged", manufacturer_name="edged", model_name=f"edged {__version__}"))
+    modality = str(getattr(evidence[0], "Modality", ""))
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURES.get(modality, IMAGING_PROCEDURE),
+        imaging_measurements=groups, referenced_images=evidence)
+    return Comprehensive3DSR(
+        evidence=[*evidence, *extra_evidence], content=report[0], series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer="edged",
+        is_complete=True, is_final=False, is_verified=False,
+        series_description=f"edged {spec.name} {spec.version}"[:64],
+        previous_versions=[predecessor] if predecessor is not None else None,
+    )
