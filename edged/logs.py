@@ -39,10 +39,10 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
-    """Log one structured event line."""
-    if logger.isEnabledFor(level):
-        logger.log(level, name, extra={"fields": fields})
+def event(logger: logging.Logger, severity: int, name: str, **fields: Any) -> None:
+    """Log one structured event line (``severity``: a logging level; ``fields``: the key=value pairs)."""
+    if logger.isEnabledFor(severity):
+        logger.log(severity, name, extra={"fields": fields})
 
 
 def setup(level: str = "info") -> None:
@@ -52,5 +52,10 @@ def setup(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
-    # pynetdicom logs every PDU at INFO/DEBUG, sometimes with identifiers; keep only its errors.
-    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    # Libraries log identifiers: pynetdicom every PDU (with UIDs) at INFO/DEBUG, highdicom the UIDs of the
+    # datasets it copies at INFO, pydicom element values in warnings. Keep only their errors.
+    for name in ("pynetdicom", "highdicom", "pydicom"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Python warnings (pydicom's quote element values) become log records, and are dropped the same way.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)

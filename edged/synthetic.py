@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1557.1"  # edged's implementation class (pydicom's root)
+IMPLEMENTATION_UID = PYDICOM_IMPLEMENTATION_UID
 
 
 def ct_slice(

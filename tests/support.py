@@ -13,7 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edged.synthetic import chest_phantom, ct_slice
+
+import numpy as np
 import pytest
+from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
@@ -118,13 +122,17 @@ class EdgedProcess:
             self.proc.wait(5)
             raise AssertionError("edged did not stop within its shutdown timeout")
 
-    def rows(self) -> list[sqlite3.Row]:
+    def query(self, sql: str) -> list[sqlite3.Row]:
+        """Rows from the daemon's journal (a separate read connection; WAL lets the daemon go on)."""
         conn = sqlite3.connect(self.storage / "journal.sqlite3")
         conn.row_factory = sqlite3.Row
         try:
-            return conn.execute("SELECT * FROM instances ORDER BY id").fetchall()
+            return conn.execute(sql).fetchall()
         finally:
             conn.close()
+
+    def rows(self) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM instances ORDER BY id")
 
     def spool_files(self) -> list[Path]:
         return sorted((self.storage / "spool" / "instances").iterdir())
@@ -135,3 +143,50 @@ class EdgedProcess:
 
 def run(cmd: list[str], timeout: float = 120.0, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", dcmtk_env()), **kw)
+
+
+#: Pipeline settings for tests: series complete after 1 s of quiet; quick retries.
+PIPELINE = {"series_quiet_seconds": 1.0, "max_attempts": 2, "retry_seconds": 0.2, "poll_seconds": 0.1}
+
+
+def write_series(folder: Path, count: int, seed: int = 0, series: str = "1") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study = generate_uid(entropy_srcs=["edged-test-study", str(seed)])
+    series_uid = generate_uid(entropy_srcs=["edged-test-series", str(seed), series])
+    paths = []
+    for i in range(count):
+        hu, _ = chest_phantom(rng, nodules=1 if i % 4 == 0 else 0)
+        ds = ct_slice(i, study_uid=study, series_uid=series_uid, hu=hu, slice_thickness=2.5)
+        p = folder / f"s{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def jobs(edged: EdgedProcess) -> list[sqlite3.Row]:
+    return edged.query("SELECT * FROM jobs ORDER BY id")
+
+
+def findings(edged: EdgedProcess) -> list[sqlite3.Row]:
+    return edged.query("SELECT f.*, j.level, j.sop_instance_uid, j.sources FROM findings f"
+                       " JOIN jobs j ON j.id = f.job_id ORDER BY f.id")
+
+
+def wait_jobs(edged: EdgedProcess, total: int, finished: tuple = ("done", "dead"), timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = jobs(edged)
+        if len(rows) >= total and all(r["state"] in finished for r in rows):
+            return
+        assert edged.alive(), edged.log_text()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"jobs not finished: {[(r['model'], r['state']) for r in jobs(edged)]}")
+
+
+def storescu(edged: EdgedProcess, files: list[Path], *options: str) -> None:
+    """DCMTK storescu of ``files`` into edged, one association; must succeed."""
+    res = run([require_tool("storescu"), *options, "-aec", "EDGED", "127.0.0.1", str(edged.port), *map(str, files)])
+    assert res.returncode == 0, res.stderr
+
+

@@ -334,7 +334,7 @@ class Pipeline:
         try:
             state = self.journal.fail_job(job, _reason(exc), self.cfg.max_attempts, self.cfg.retry_seconds)
             self.metrics.jobs.labels(job.model, state).inc()
-            logs.event(log, logging.WARNING, "job.failed", job=job.id, model=job.model, level=job.level,
+            logs.event(log, logging.WARNING, "job.failed", job=job.id, model=job.model, job_level=job.level,
                        attempt=job.attempts, state=state, error=type(exc).__name__)
         except Exception:
             log.exception("could not record a job failure")

@@ -11,65 +11,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from support import EdgedProcess, require_tool, run
+from support import PIPELINE, EdgedProcess, findings, jobs, require_tool, run, storescu, wait_jobs, write_series
 
 from edged.inference.onnxruntime import OnnxRuntimeEngine
 from edged.inference.repository import Repository
 from edged.pipeline.postprocess import activate
 from edged.pipeline.preprocess import prepare_dataset
-from edged.synthetic import chest_phantom, ct_slice
 
 REPO = Path(__file__).resolve().parents[2]
-PIPELINE = {"series_quiet_seconds": 1.0, "max_attempts": 2, "retry_seconds": 0.2, "poll_seconds": 0.1}
-
-
-def write_series(folder: Path, count: int, seed: int = 0, series: str = "1") -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    study, series_uid = f"1.2.826.0.1.3680043.10.1557.9.{seed}", f"1.2.826.0.1.3680043.10.1557.9.{seed}.{series}"
-    paths = []
-    for i in range(count):
-        hu, _ = chest_phantom(rng, nodules=1 if i % 4 == 0 else 0)
-        ds = ct_slice(i, study_uid=study, series_uid=series_uid, hu=hu, slice_thickness=2.5)
-        p = folder / f"s{i:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
-
-
-def jobs(edged: EdgedProcess) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(edged.storage / "journal.sqlite3")
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
-    finally:
-        conn.close()
-
-
-def findings(edged: EdgedProcess) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(edged.storage / "journal.sqlite3")
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT f.*, j.level, j.sop_instance_uid, j.sources FROM findings f"
-                            " JOIN jobs j ON j.id = f.job_id ORDER BY f.id").fetchall()
-    finally:
-        conn.close()
-
-
-def wait_jobs(edged: EdgedProcess, total: int, finished: tuple = ("done", "dead"), timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = jobs(edged)
-        if len(rows) >= total and all(r["state"] in finished for r in rows):
-            return
-        assert edged.alive(), edged.log_text()[-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"jobs not finished: {[(r['model'], r['state']) for r in jobs(edged)]}")
-
-
-def storescu(edged: EdgedProcess, files: list[Path]) -> None:
-    res = run([require_tool("storescu"), "-aec", "EDGED", "127.0.0.1", str(edged.port), *map(str, files)])
-    assert res.returncode == 0, res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +32,10 @@ def test_series_findings_match_the_engine_run_directly(edged_factory, tmp_path: 
     shuffled = files[:]
     random.Random(3).shuffle(shuffled)  # arrival order is not slice order
     storescu(edged, shuffled)
-    wait_jobs(edged, total=12 + 1)
+    wait_jobs(edged, total=12 + 1 + 2)  # instance jobs, the series job, a report per model
     rows = jobs(edged)
-    assert [r["state"] for r in rows] == ["done"] * 13
-    assert sum(r["level"] == "series" for r in rows) == 1
+    assert [r["state"] for r in rows] == ["done"] * 15
+    assert sum(r["level"] == "series" for r in rows) == 1 and sum(r["level"] == "report" for r in rows) == 2
 
     by_uid = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
     cls, seg = models["ct-nodule-cls"], models["lesion-seg"]
@@ -115,7 +64,7 @@ def test_series_findings_match_the_engine_run_directly(edged_factory, tmp_path: 
         assert m["volume_mm3"] == pytest.approx(expected.sum() * (500 / 512) ** 2 * 2.5)
     status = json.loads(run([str(Path(__import__("sys").executable)), "-m", "edged", "status", "--json",
                              "--config", str(edged.config)], env=None).stdout)
-    assert status["jobs"]["done"] == 13 and status["models"]["lesion-seg"]["done"] == 1
+    assert status["jobs"]["done"] == 15 and status["models"]["lesion-seg"]["done"] == 2
     assert status["instances"]["done"] == 12
     edged.stop()
     stats = [line for line in edged.log_text().splitlines() if "event=batcher.stats model=ct-nodule-cls" in line]
@@ -131,7 +80,7 @@ def test_duplicate_slices_keep_the_rescan(edged_factory, tmp_path: Path) -> None
     rescan.save_as(dup, enforce_file_format=True)
     edged = edged_factory(pipeline=PIPELINE).start()
     storescu(edged, [dup, *files])
-    wait_jobs(edged, total=7 + 1)
+    wait_jobs(edged, total=7 + 1 + 2)
     (s,) = [f for f in findings(edged) if f["model"] == "lesion-seg"]
     sources = json.loads(s["sources"])
     assert len(sources) == 6 and str(rescan.SOPInstanceUID) in sources
@@ -150,8 +99,8 @@ def test_corrupt_pixel_data_fails_only_its_own_job(edged_factory, tmp_path: Path
     bad = tmp_path / "bad.dcm"
     ds.save_as(bad, enforce_file_format=True)
     edged = edged_factory(pipeline=PIPELINE).start()
-    storescu(edged, [files[0], bad, *files[2:]])
-    wait_jobs(edged, total=5 + 1)
+    storescu(edged, [files[0], bad, *files[2:]], "-xr")  # also propose RLE, so the file goes as it is
+    wait_jobs(edged, total=5 + 1 + 2)
     bad_uid = str(ds.SOPInstanceUID)
     states = {(r["model"], r["sop_instance_uid"]): r for r in jobs(edged)}
     dead = states[("ct-nodule-cls", bad_uid)]
@@ -172,11 +121,11 @@ def test_kill9_mid_inference_every_job_finishes_once(edged_factory, tmp_path: Pa
         time.sleep(0.01)
     edged.kill9()
     done_before = sum(r["state"] == "done" for r in jobs(edged))
-    assert done_before < 41, "the kill came too late to interrupt anything"
+    assert done_before < 43, "the kill came too late to interrupt anything"
     edged.start()
-    wait_jobs(edged, total=40 + 1)
-    rows = jobs(edged)
-    assert all(r["state"] == "done" for r in rows)
+    wait_jobs(edged, total=40 + 1 + 2)
+    rows = [r for r in jobs(edged) if r["level"] != "report"]
+    assert all(r["state"] == "done" for r in jobs(edged))
     per_job: dict[int, int] = {}
     for f in findings(edged):
         per_job[f["job_id"]] = per_job.get(f["job_id"], 0) + 1
