@@ -176,6 +176,11 @@ class DaemonConfig:
 
     shutdown_timeout: float = field(default=30.0, metadata=meta(in_range(0, 3600)))
     log_level: str = field(default="info", metadata=meta(one_of(*LOG_LEVELS)))
+    audit_log: Path | None = field(default=None, metadata=meta(path=True))
+
+    def audit_path(self, storage_dir: Path) -> Path:
+        """JSON-lines audit log: ``audit_log``, else ``<storage dir>/audit.jsonl``."""
+        return self.audit_log if self.audit_log is not None else storage_dir / "audit.jsonl"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import time
 from types import FrameType
 
 from edged import logs, sdnotify
+from edged.audit import AuditLog
 from edged.config import Config
 from edged.dicom.scp import Listener, StoreHandler
 from edged.http import HttpServer
@@ -48,6 +49,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.http: HttpServer | None = None
         self.outbox: Outbox | None = None
+        self.audit: AuditLog | None = None
 
     # -- signals ------------------------------------------------------------------------------------
 
@@ -66,6 +68,8 @@ class Daemon:
         storage = self.cfg.storage
         spool = self.spool = Spool(storage.dir)
         self.journal = Journal.open(storage.dir)
+        self.audit = AuditLog(self.cfg.daemon.audit_path(storage.dir), storage.dir)
+        self.metrics.watch_state(self.state_snapshot)
         self.start_http()
         report = spool.reconcile(self.journal.instance_paths())
         flagged = self.journal.mark_missing(report.missing)
@@ -80,20 +84,25 @@ class Daemon:
         if self.engines:
             router = Router(self.models)
             self.outbox = Outbox(self.cfg.destinations, self.journal, spool, self.cfg.outbox, self.metrics,
-                                 self.cfg.dicom.ae_title)
+                                 self.cfg.dicom.ae_title, self.audit)
             self.pipeline = Pipeline(self.journal, spool, self.models, self.engines, self.cfg.pipeline, self.metrics,
                                      destinations=self.outbox.names, on_results=self.outbox.notify)
             self.pipeline.start()
             self.outbox.start()
         handler = StoreHandler(spool, self.journal, self.cfg.dicom, min_free_bytes=storage.min_free_bytes,
                                max_pending=storage.max_pending, metrics=self.metrics, router=router,
-                               on_stored=self.pipeline.notify if self.pipeline else None)
+                               on_stored=self.pipeline.notify if self.pipeline else None, audit=self.audit)
         self.listener = Listener(self.cfg.dicom, handler)
         self.listener.start()
         host, port = self.listener.address
         logs.event(log, logging.INFO, "listening", host=host, port=port, ae_title=self.cfg.dicom.ae_title,
                    tls=self.cfg.dicom.tls.enabled, storage=str(storage.dir))
         sdnotify.notify(f"READY=1\nSTATUS=listening on {host}:{port}")
+
+    def state_snapshot(self) -> dict | None:
+        if self.journal is None or not self.journal.is_open or self.spool is None:
+            return None
+        return {**self.journal.counts(), "free_bytes": self.spool.free_bytes()}
 
     def readiness_checks(self) -> dict:
         def journal() -> str | None:
@@ -132,6 +141,7 @@ class Daemon:
             for name, spec in specs.items():
                 engine = start_engine(spec, backend, cache, engines_cfg, plans)
                 self.engines[name] = engine
+                self.metrics.engine_info.labels(name, spec.version, engine.backend, engine.precision).set(1)
                 logs.event(log, logging.INFO, "engine.active", model=name, version=spec.version,
                            backend=engine.backend, precision=engine.precision, max_batch=engine.max_batch)
         finally:
@@ -183,6 +193,8 @@ class Daemon:
             engine.deactivate()
         if self.journal is not None:
             self.journal.close()
+        if self.audit is not None:
+            self.audit.close()
         if self.http is not None:
             self.http.stop()
         logs.event(log, logging.INFO, "shutdown.complete")

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from edged import logs
+from edged.audit import AuditLog
 from edged.config import DicomConfig
 from edged.dicom import status
 from edged.dicom.header import HeaderError, read_header
@@ -95,8 +96,9 @@ class StoreHandler:
 
     def __init__(self, spool: Spool, journal: Journal, cfg: DicomConfig, *, min_free_bytes: int,
                  max_pending: int, metrics: Metrics, router: Router | None = None,
-                 on_stored: Callable[[], None] | None = None) -> None:
+                 on_stored: Callable[[], None] | None = None, audit: AuditLog | None = None) -> None:
         self.router = router
+        self.audit = audit
         self.on_stored = on_stored
         self.spool = spool
         self.journal = journal
@@ -151,6 +153,10 @@ class StoreHandler:
         stats = self._stats.pop(event.assoc, None)
         if stats is None:  # ended before it was established (e.g. rejected)
             return
+        if self.audit is not None:
+            self.audit.write("association.closed", how=how, assoc=stats.number, peer=self._peer(event.assoc),
+                             calling_ae=event.assoc.requestor.ae_title, called_ae=event.assoc.acceptor.ae_title,
+                             stored=stats.stored, duplicates=stats.duplicates, failed=stats.failed, bytes=stats.bytes)
         logs.event(log, logging.INFO if how == "released" else logging.WARNING, f"association.{how}",
                    assoc=stats.number, peer=self._peer(event.assoc), calling_ae=event.assoc.requestor.ae_title,
                    called_ae=event.assoc.acceptor.ae_title, stored=stats.stored,
@@ -215,6 +221,8 @@ class StoreHandler:
                 if self.journal.has_instance(uid):
                     stats.duplicates += 1
                     self.metrics.instances_received.labels("duplicate").inc()
+                    if self.audit is not None:
+                        self.audit.write("instance.duplicate", ref=self.audit.ref(uid), assoc=stats.number)
                     return status.SUCCESS
                 self._check_resources(len(stream))
             except OutOfResourcesError as exc:
@@ -265,6 +273,10 @@ class StoreHandler:
             return self._fail(stats, status.OUT_OF_RESOURCES, "journal unavailable", resource="journal")
         stats.stored += 1
         stats.bytes += size
+        if self.audit is not None:
+            self.audit.write("instance.stored", ref=self.audit.ref(header.sop_instance_uid), assoc=stats.number,
+                             sop_class=header.sop_class_uid, modality=header.modality, bytes=size,
+                             routed=[r.model for r in routes])
         self.metrics.instances_received.labels("success").inc()
         self.metrics.bytes_received.inc(size)
         if self.on_stored is not None and routes:

@@ -37,12 +37,14 @@ class Request:
 
 class Batcher:
     def __init__(self, engine: Engine, max_batch: int, max_delay_ms: float, queue_size: int,
-                 on_batch: Callable[[int, float, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float, float], None] | None = None,
+                 on_failure: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.max_batch = max(1, min(max_batch, engine.max_batch))
         self.max_delay = max_delay_ms / 1000.0
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self.on_batch = on_batch  # (batch size, seconds of inference, oldest queue wait)
+        self.on_failure = on_failure  # an input whose inference failed
         self.batch_sizes: Counter[int] = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{engine.name}", daemon=True)
@@ -96,6 +98,8 @@ class Batcher:
                 for r in batch:
                     self._run_batch([r])
                 return
+            if self.on_failure is not None:
+                self.on_failure()
             batch[0].done(None, exc)
             return
         seconds = time.monotonic() - t0

@@ -135,12 +135,14 @@ class ModelLane:
         m = metrics
 
         def on_batch(size: int, seconds: float, waited: float) -> None:
+            m.inference_requests.labels(spec.name).inc(size)
             m.batch_size.labels(spec.name).observe(size)
             m.stage_seconds.labels(spec.name, "inference").observe(seconds)
             m.stage_seconds.labels(spec.name, "queue_wait").observe(waited)
 
         self.batcher = Batcher(engine, spec.batching.max_batch, spec.batching.max_delay_ms,
-                               queue_size=max(cfg.queue_size, spec.batching.max_batch), on_batch=on_batch)
+                               queue_size=max(cfg.queue_size, spec.batching.max_batch), on_batch=on_batch,
+                               on_failure=m.inference_failures.labels(spec.name).inc)
         self.max_in_flight = max(cfg.queue_size // 4, spec.batching.max_batch, 1)
         self.in_flight = 0
         self.lock = threading.Lock()

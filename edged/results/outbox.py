@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from edged import logs
+from edged.audit import AuditLog
 from edged.config import Destination, OutboxConfig
 from edged.metrics import Metrics
 from edged.spool.journal import Delivery, Journal
@@ -42,7 +43,8 @@ class Sender:
     """Sends one destination's deliveries on its own thread."""
 
     def __init__(self, dest: Destination, journal: Journal, spool: Spool, cfg: OutboxConfig, metrics: Metrics,
-                 calling_ae: str) -> None:
+                 calling_ae: str, audit: AuditLog | None = None) -> None:
+        self.audit = audit
         self.dest = dest
         self.journal = journal
         self.spool = spool
@@ -152,7 +154,11 @@ class Sender:
                 return
             status = f"0x{code:04X}"
             if code in STORED:
-                self.journal.delivered(d.id, status)
+                model, seconds = self.journal.delivered(d.id, status)
+                self.metrics.end_to_end.labels(model).observe(seconds)
+                if self.audit is not None:
+                    self.audit.write("result.delivered", ref=self.audit.ref(d.sop_instance_uid), model=model,
+                                     destination=self.dest.name, status=status, delivery=d.id)
                 self.metrics.deliveries.labels(self.dest.name, "delivered").inc()
                 self.metrics.stage_seconds.labels("all", "delivery").observe(time.monotonic() - t0)
                 if code != 0:
@@ -172,14 +178,17 @@ class Sender:
             nxt = time.time() + backoff(attempts, self.cfg.retry_base_seconds, self.cfg.retry_max_seconds, self.rng)
             self.metrics.deliveries.labels(self.dest.name, "failed").inc()
         self.journal.delivery_failed(d.id, error, status, nxt)
+        if nxt is None and self.audit is not None:
+            self.audit.write("result.dead", ref=self.audit.ref(d.sop_instance_uid), destination=self.dest.name,
+                             attempts=attempts, delivery=d.id)
         logs.event(log, logging.WARNING, "delivery.failed", destination=self.dest.name, delivery=d.id,
                    attempt=attempts, state="dead" if nxt is None else "retry", error=error.split(":")[0])
 
 
 class Outbox:
     def __init__(self, destinations: list[Destination], journal: Journal, spool: Spool, cfg: OutboxConfig,
-                 metrics: Metrics, calling_ae: str) -> None:
-        self.senders = [Sender(d, journal, spool, cfg, metrics, calling_ae) for d in destinations]
+                 metrics: Metrics, calling_ae: str, audit: AuditLog | None = None) -> None:
+        self.senders = [Sender(d, journal, spool, cfg, metrics, calling_ae, audit) for d in destinations]
 
     @property
     def names(self) -> list[str]:

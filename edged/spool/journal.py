@@ -600,12 +600,18 @@ class Journal:
                                     " AND state = 'pending'", (destination,)).fetchone()
         return row[0]
 
-    def delivered(self, delivery_id: int, status: str) -> None:
+    def delivered(self, delivery_id: int, status: str) -> tuple[str, float]:
+        """Mark a delivery done; returns (model, seconds from the series' last instance received to now)."""
         now = time.time()
         with self._tx() as conn:
             conn.execute("UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_status = ?,"
                          " last_error = NULL, delivered_at = ?, updated_at = ? WHERE id = ?",
                          (status, now, now, delivery_id))
+            model, last = conn.execute(
+                "SELECT r.model, (SELECT MAX(i.received_at) FROM instances i"
+                " WHERE i.series_instance_uid = r.series_instance_uid) FROM deliveries d"
+                " JOIN results r ON r.id = d.result_id WHERE d.id = ?", (delivery_id,)).fetchone()
+        return str(model), max(0.0, now - (last or now))
 
     def delivery_failed(self, delivery_id: int, error: str, status: str | None, next_attempt_at: float | None) -> None:
         """A failed attempt: retry at ``next_attempt_at``, or dead when it is None."""
@@ -650,6 +656,11 @@ class Journal:
     def result_paths(self) -> set[str]:
         with self._lock:
             return {r[0] for r in self._c().execute("SELECT path FROM results WHERE state = 'stored'")}
+
+    def counts(self) -> dict[str, Any]:
+        """The same counts as :func:`read_counts`, on the daemon's own connection (for metrics)."""
+        with self._lock:
+            return _counts(self._c())
 
     def mask_paths(self) -> set[str]:
         with self._lock:
@@ -717,11 +728,28 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             raise
 
 
+def _counts(conn: sqlite3.Connection) -> dict[str, Any]:
+    instances = {s: 0 for s in INSTANCE_STATES}
+    for state, n in conn.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"):
+        instances[state] = int(n)
+    jobs = {s: 0 for s in JOB_STATES}
+    models: dict[str, dict[str, int]] = {}
+    for model, state, n in conn.execute("SELECT model, state, COUNT(*) FROM jobs GROUP BY model, state"):
+        jobs[state] += int(n)
+        models.setdefault(model, {s: 0 for s in JOB_STATES})[state] = int(n)
+    oldest = conn.execute("SELECT MIN(created_at) FROM jobs WHERE state IN ('pending', 'failed')").fetchone()[0]
+    deliveries = {s: 0 for s in DELIVERY_STATES}
+    for state, n in conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"):
+        deliveries[state] = int(n)
+    return {"instances": instances, "jobs": jobs, "models": models, "deliveries": deliveries,
+            "oldest_pending_job_seconds": None if oldest is None else max(0.0, time.time() - oldest)}
+
+
 def read_counts(storage_dir: Path) -> dict[str, Any]:
     """Counts per state, read-only, for ``edged status`` (another process may be writing).
 
-    ``instances`` and ``jobs`` map each state to a count; ``models`` maps each model to its job counts
-    per state; ``oldest_pending_job_seconds`` is the age of the oldest job waiting to run (None if none).
+    ``instances``, ``jobs`` and ``deliveries`` map each state to a count; ``models`` maps each model to its
+    job counts per state; ``oldest_pending_job_seconds`` is the age of the oldest job waiting to run.
     """
     path = storage_dir / JOURNAL_NAME
     if not path.exists():
@@ -732,24 +760,11 @@ def read_counts(storage_dir: Path) -> dict[str, Any]:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             if version < SCHEMA_VERSION:
                 raise JournalError(path, f"journal schema {version} is older than {SCHEMA_VERSION}: start the daemon once")
-            instances = {s: 0 for s in INSTANCE_STATES}
-            for state, n in conn.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"):
-                instances[state] = int(n)
-            jobs = {s: 0 for s in JOB_STATES}
-            models: dict[str, dict[str, int]] = {}
-            for model, state, n in conn.execute("SELECT model, state, COUNT(*) FROM jobs GROUP BY model, state"):
-                jobs[state] += int(n)
-                models.setdefault(model, {s: 0 for s in JOB_STATES})[state] = int(n)
-            oldest = conn.execute("SELECT MIN(created_at) FROM jobs WHERE state IN ('pending', 'failed')").fetchone()[0]
-            deliveries = {s: 0 for s in DELIVERY_STATES}
-            for state, n in conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"):
-                deliveries[state] = int(n)
+            return _counts(conn)
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise JournalError(path, str(exc)) from None
-    return {"instances": instances, "jobs": jobs, "models": models, "deliveries": deliveries,
-            "oldest_pending_job_seconds": None if oldest is None else max(0.0, time.time() - oldest)}
 
 
 def _external(storage_dir: Path) -> sqlite3.Connection:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import subprocess
@@ -94,6 +96,17 @@ def test_results_arrive_reference_their_sources_and_validate(edged_factory, orth
 
     log = edged.log_text()
     assert not any(uid in log for uid in source_uids | {series_uid, str(sources[0].PatientID)})
+
+    # The audit trail: JSON lines, every stored instance and delivered result, referenced by a keyed hash.
+    audit_text = (edged.storage / "audit.jsonl").read_text()
+    assert not any(uid in audit_text for uid in source_uids | {s.SOPInstanceUID for s in srs})
+    records = [json.loads(line) for line in audit_text.splitlines()]
+    events = [r["event"] for r in records]
+    assert events.count("instance.stored") == len(files) and "association.closed" in events
+    assert events.count("result.delivered") == len(objs)
+    key = (edged.storage / "audit.key").read_bytes()
+    stored_refs = {r["ref"] for r in records if r["event"] == "instance.stored"}
+    assert stored_refs == {hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:24] for u in source_uids}
 
     dciodvfy = require_tool("dciodvfy")
     for i, ds in enumerate(objs):
