@@ -42,6 +42,7 @@ from edged import logs
 from edged.audit import AuditLog
 from edged.config import DicomConfig
 from edged.dicom import status
+from edged.dicom.contexts import SharedContexts
 from edged.dicom.header import HeaderError, read_header
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
 from edged.metrics import Metrics
@@ -345,7 +346,7 @@ class Listener:
         try:
             self._server = self.ae.start_server(
                 (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
-                ssl_context=_tls_context(self.cfg),
+                ssl_context=_tls_context(self.cfg), contexts=SharedContexts(self.ae.supported_contexts),
             )
         except OSError as exc:
             raise EdgedError(
