@@ -228,6 +228,9 @@ class Edged(Receiver):
             "# any free port, so that the benchmark never collides with a running edged\n"
             f"host = {_toml_str(HOST)}\n"
             "port = 0\n"
+            "\n[engines]\n"
+            "# the receive path alone: an empty model repository (benchmarks/e2e.py measures it with the models)\n"
+            f"dir = {_toml_str(str(self.workdir / 'no-models'))}\n"
         )
 
     def start(self) -> "Edged":
