@@ -641,7 +641,8 @@ class Journal:
             unfinished = ",".join(f"'{s}'" for s in UNFINISHED_JOB_STATES)
             instances = conn.execute(
                 "SELECT i.id, i.path FROM instances i WHERE i.state = 'done' AND i.received_at < ?"
-                " AND EXISTS (SELECT 1 FROM results r WHERE r.series_instance_uid = i.series_instance_uid)"
+                " AND EXISTS (SELECT 1 FROM results r JOIN deliveries d ON d.result_id = r.id"
+                "   WHERE r.series_instance_uid = i.series_instance_uid)"
                 " AND NOT EXISTS (SELECT 1 FROM series s WHERE s.series_instance_uid = i.series_instance_uid"
                 "   AND s.state = 'open')"
                 f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = i.series_instance_uid"

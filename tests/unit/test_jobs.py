@@ -132,3 +132,34 @@ def test_report_waits_for_the_models_jobs_on_the_series(j: Journal) -> None:
         j.finish_jobs([JobResult(job, finding(), [job.sop_instance_uid])])
     (report,) = j.claim_jobs(None, 5, 60, "t", reports=True)
     assert report.level == "report" and report.model == "cls"
+
+
+def _report_done(j: Journal, destinations: list[str]) -> None:
+    j.add_instance(rec("1"), [CLS])
+    (job,) = j.claim_jobs("cls", 1, 60, "t")
+    j.finish_jobs([JobResult(job, finding(), ["1"])])
+    j.complete_series(quiet_seconds=0, now=time.time() + 1)
+    (report,) = j.claim_jobs(None, 1, 60, "t", reports=True)
+    from edged.spool.journal import ResultRecord
+
+    assert j.finish_report(report, [ResultRecord("sr", "1.2.840.10008.5.1.4.1.1.88.34", "9.9.9", "spool/results/x.dcm")],
+                           destinations)
+
+
+def test_retention_waits_for_every_delivery(j: Journal) -> None:
+    _report_done(j, ["pacs", "archive"])
+    later = time.time() + 3600
+    assert j.purge(older_than=later) == ([], [])  # nothing delivered yet
+    (first,) = j.due_deliveries("pacs", 10)
+    j.delivered(first.id, "0x0000")
+    assert j.purge(older_than=later) == ([], [])  # one destination still waiting
+    (second,) = j.due_deliveries("archive", 10)
+    j.delivered(second.id, "0x0000")
+    assert j.purge(older_than=time.time() - 3600) == ([], [])  # retention not passed yet
+    assert j.purge(older_than=later) == (["spool/instances/1.dcm"], ["spool/results/x.dcm"])
+    assert "spool/instances/1.dcm" not in j.instance_paths()  # reconcile will not call it missing
+
+
+def test_nothing_is_purged_without_a_destination(j: Journal) -> None:
+    _report_done(j, [])
+    assert j.purge(older_than=time.time() + 3600) == ([], [])
