@@ -1,0 +1,926 @@
+"""End-to-end benchmark: scanner -> edged -> findings -> SR at the PACS, in one run on 127.0.0.1.
+
+1. The bare engine: ``edged engines bench ct-nodule-cls --batch 1 4 8 16 --json`` (same config as the
+   daemon); its best images/s is what the pipeline is compared with.
+2. Orthanc as the PACS (``[[destinations]]``), a fresh edged, and synthetic chest CT slices (512x512
+   16-bit, drawn from a pool of ``edged.synthetic.chest_phantom`` images, each slice with its own SOP
+   Instance UID and position) pushed with DCMTK ``storescu`` (``TCP_NODELAY=1``), one ``storescu`` per
+   series, series after series. Then it waits, polling the journal read-only, until every job is done
+   and every result delivered.
+3. Figures: sustained findings/s of the classifier and its ratio to the bare engine, ingest images/s,
+   latency from receipt to finding and from the last slice of a series to its SR at the PACS, where the
+   time goes (``/metrics`` stage sums), the batch sizes the batcher formed, and edged's CPU time per slice
+   outside inference.
+
+Run:  .venv/bin/python benchmarks/e2e.py [--slices 1000] [--series-size 300] [--no-orthanc] [--json FILE]
+See benchmarks/README.md for what every figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.uid import generate_uid
+
+from edged.synthetic import chest_phantom, ct_slice
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from ingest import BenchError, Tools, dcmtk_env, find_tools, reap_all, spawn, stop_proc  # noqa: E402
+
+HOST = "127.0.0.1"
+MAX_PDU = 131072
+EDGED_AET = "EDGED"
+CALLING_AET = "E2EBENCH"
+CLASSIFIER = "ct-nodule-cls"
+BENCH_BATCHES = (1, 4, 8, 16)
+LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
+HTTP_LISTENING = re.compile(r"event=http\.listening host=\S+ port=(\d+)")
+BACKEND = re.compile(r"event=engines\.backend backend=(\S+)")
+NOTE = "storescu runs with TCP_NODELAY=1; sender, edged, ONNX Runtime and Orthanc share this machine's cores"
+
+START_TIMEOUT_S = 120.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Pipeline stages in the order a slice meets them; "receive" is edged_store_seconds (C-STORE handling).
+STAGES = ("receive", "preprocess", "queue_wait", "inference", "postprocess", "commit", "object_write", "delivery")
+WAIT_STAGES = ("queue_wait",)  # time spent waiting, not working: left out of the shares
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    print("\ne2e.py: terminated; stopping the processes it started", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return "(no output)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) is fields[0]
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else math.nan
+
+
+# -- synthetic series --------------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    index: int
+    folder: Path
+    files: list[Path]
+
+
+def phantom_pool(count: int, seed: int) -> list[np.ndarray]:
+    """``count`` distinct chest phantoms (HU), 0, 1 or 2 nodules in turn, so the classifier sees both classes."""
+    rng = np.random.default_rng(seed)
+    return [chest_phantom(rng, nodules=i % 3)[0] for i in range(count)]
+
+
+def write_slices(root: Path, slices: int, series_size: int, pool: list[np.ndarray]) -> list[Series]:
+    """``slices`` CT slices in series of ``series_size`` (one folder each), cycling through ``pool``.
+
+    Every series gets its own study and series UIDs; every slice its own SOP Instance UID (derived from
+    the series UID and its index) and position, so edged sees them as distinct images.
+    """
+    series: list[Series] = []
+    written = 0
+    while written < slices:
+        n = min(series_size, slices - written)
+        s = Series(len(series), root / f"series{len(series):03d}", [])
+        s.folder.mkdir(parents=True)
+        study_uid, series_uid = generate_uid(), generate_uid()
+        for i in range(n):
+            hu = pool[(written + i) % len(pool)]
+            ds = ct_slice(i, study_uid=study_uid, series_uid=series_uid, hu=hu, slice_thickness=2.5)
+            path = s.folder / f"ct{i:05d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            s.files.append(path)
+        series.append(s)
+        written += n
+    return series
+
+
+# -- bare engine -------------------------------------------------------------------------------------
+
+
+@dataclass
+class EnginePoint:
+    model: str
+    batch: int
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    backend: str
+    cpu_cores: float | None  # CPU seconds per wall second of the bench process while it ran this batch size
+
+
+def engine_bench(config: Path, model: str, batches: Sequence[int], seconds: float, log: Path) -> list[EnginePoint]:
+    """``edged engines bench MODEL --json``; also samples the bench process's CPU time after each line.
+
+    The first batch size's CPU share is unknown (the interval includes Python's start and the model load).
+    """
+    cmd = [sys.executable, "-m", "edged", "engines", "bench", model, "--batch", *map(str, batches),
+           "--seconds", f"{seconds:g}", "--json", "--config", str(config)]
+    with log.open("ab") as err:
+        proc = spawn(cmd, group=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    points: list[EnginePoint] = []
+    last: tuple[float, float] | None = None
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        now = (time.monotonic(), _cpu_or_nan(proc.pid))
+        line = raw.decode(errors="replace").strip()
+        if not line.startswith("{"):
+            continue
+        rec = json.loads(line)
+        cores = None if last is None else (now[1] - last[1]) / max(now[0] - last[0], 1e-9)
+        last = now
+        points.append(EnginePoint(model, int(rec["batch"]), float(rec["images_per_s"]), float(rec["p50_ms"]),
+                                  float(rec["p99_ms"]), str(rec.get("backend", "?")),
+                                  None if cores is None or math.isnan(cores) else cores))
+    rc = proc.wait()
+    if rc != 0 or not points:
+        raise BenchError(f"edged engines bench {model} failed ({rc}):\n{_tail(log)}")
+    return points
+
+
+def _cpu_or_nan(pid: int) -> float:
+    try:
+        return proc_cpu_seconds(pid)
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+# -- peers -------------------------------------------------------------------------------------------
+
+
+class Pacs:
+    """Orthanc from tests/orthanc.py (Debian's package, kept on 127.0.0.1 by an LD_PRELOAD shim)."""
+
+    def __init__(self, workdir: Path) -> None:
+        sys.path.insert(0, str(REPO / "tests"))
+        try:
+            from orthanc import Orthanc  # tests/orthanc.py (needs tests/support.py, which imports pytest)
+        except ImportError as exc:
+            raise BenchError(f"cannot import tests/orthanc.py ({exc}); install the test extra or use --no-orthanc")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.server = Orthanc(workdir)
+
+    def start(self) -> "Pacs":
+        try:
+            self.server.start()
+        except (AssertionError, OSError, subprocess.SubprocessError) as exc:
+            raise BenchError(f"Orthanc did not start: {exc}") from None
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.server.dicom_port)
+
+    def count(self) -> int:
+        return len(self.server.instances())
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class Edged:
+    """``python -m edged serve`` with a fresh storage dir, results going to ``destination`` if given."""
+
+    def __init__(self, workdir: Path, engines: Path, quiet_seconds: float, destination: int | None) -> None:
+        self.workdir = workdir
+        self.storage = workdir / "edged-data"
+        self.config = workdir / "edged.toml"
+        self.log = workdir / "edged.log"
+        self.engines = engines
+        self.quiet_seconds = quiet_seconds
+        self.destination = destination
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.http_port = 0
+
+    @property
+    def journal(self) -> Path:
+        return self.storage / "journal.sqlite3"
+
+    def write_config(self) -> None:
+        text = (
+            f"[dicom]\nhost = {_toml_str(HOST)}\nport = 0\nmax_pdu = {MAX_PDU}\n\n"
+            f"[http]\nhost = {_toml_str(HOST)}\nport = 0\n\n"
+            f"[storage]\ndir = {_toml_str(str(self.storage))}\nmin_free_bytes = 0\nmax_pending = 100000\n\n"
+            f"[engines]\ndir = {_toml_str(str(self.engines))}\n\n"
+            f"[pipeline]\nseries_quiet_seconds = {self.quiet_seconds!r}\npoll_seconds = 0.1\n"
+        )
+        if self.destination is not None:
+            text += (f"\n[[destinations]]\nname = \"orthanc\"\nae_title = \"ORTHANC\"\nhost = {_toml_str(HOST)}\n"
+                     f"port = {self.destination}\n")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(text)
+
+    def start(self) -> "Edged":
+        with self.log.open("ab") as log:
+            self.proc = spawn([sys.executable, "-m", "edged", "serve", "--config", str(self.config)], group=True,
+                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace")
+            dicom, http = LISTENING.search(text), HTTP_LISTENING.search(text)
+            if dicom and http:
+                self.port, self.http_port = int(dicom.group(1)), int(http.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise BenchError(f"edged exited with {self.proc.returncode} before listening:\n{_tail(self.log)}")
+            time.sleep(0.05)
+        raise BenchError(f"edged did not log event=listening within {START_TIMEOUT_S:.0f}s:\n{_tail(self.log)}")
+
+    def backend(self) -> str:
+        found = BACKEND.search(self.log.read_text(errors="replace"))
+        return found.group(1) if found else "?"
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        return proc_cpu_seconds(self.proc.pid)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/metrics", timeout=30) as r:
+            return r.read().decode()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        rc = stop_proc(self.proc, signal.SIGTERM, timeout=60)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever it left behind in its group
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc = None
+        if rc != 0:  # reported, not raised: this runs in finally blocks
+            print(f"warning: edged exited with {rc} after SIGTERM (log: {self.log})", file=sys.stderr)
+
+
+# -- sending -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Send:
+    series: int
+    files: int
+    started: float  # time.time()
+    seconds: float
+
+
+def send_series(tools: Tools, port: int, series: Series, log: Path) -> Send:
+    """One ``storescu`` association with every file of ``series``, in slice order."""
+    cmd = [tools.storescu, "-aet", CALLING_AET, "-aec", EDGED_AET, "--max-pdu", str(MAX_PDU), HOST, str(port),
+           *map(str, series.files)]
+    started, t0 = time.time(), time.monotonic()
+    with log.open("ab") as out:
+        proc = spawn(cmd, group=True, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=dcmtk_env())
+        rc = proc.wait()
+    seconds = time.monotonic() - t0
+    if rc != 0:
+        raise BenchError(f"storescu (series {series.index}) exited with {rc}:\n{_tail(log)}")
+    return Send(series.index, len(series.files), started, seconds)
+
+
+# -- the journal (read-only) -------------------------------------------------------------------------
+
+
+def open_journal(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    conn.execute("PRAGMA query_only = 1")
+    return conn
+
+
+@dataclass
+class Progress:
+    instances: int
+    cls_done: int
+    open_series: int
+    unfinished_jobs: int
+    report_jobs_done: int
+    results: int
+    deliveries: int
+    delivered: int
+    dead_jobs: int
+    dead_deliveries: int
+
+    def line(self, slices: int) -> str:
+        return (f"received {self.instances}/{slices}, {CLASSIFIER} findings {self.cls_done}, open series "
+                f"{self.open_series}, unfinished jobs {self.unfinished_jobs}, reports {self.report_jobs_done}, "
+                f"delivered {self.delivered}/{self.deliveries}")
+
+
+def progress(conn: sqlite3.Connection) -> Progress:
+    one = lambda sql: int(conn.execute(sql).fetchone()[0] or 0)  # noqa: E731
+    return Progress(
+        instances=one("SELECT COUNT(*) FROM instances"),
+        cls_done=one(f"SELECT COUNT(*) FROM jobs WHERE model = '{CLASSIFIER}' AND level = 'instance' AND state = 'done'"),
+        open_series=one("SELECT COUNT(*) FROM series WHERE state = 'open'"),
+        unfinished_jobs=one("SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running', 'failed')"),
+        report_jobs_done=one("SELECT COUNT(*) FROM jobs WHERE level = 'report' AND state = 'done'"),
+        results=one("SELECT COUNT(*) FROM results"),
+        deliveries=one("SELECT COUNT(*) FROM deliveries"),
+        delivered=one("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"),
+        dead_jobs=one("SELECT COUNT(*) FROM jobs WHERE state = 'dead'"),
+        dead_deliveries=one("SELECT COUNT(*) FROM deliveries WHERE state = 'dead'"),
+    )
+
+
+def _first_errors(conn: sqlite3.Connection, table: str) -> str:
+    rows = conn.execute(f"SELECT id, last_error FROM {table} WHERE state = 'dead' ORDER BY id LIMIT 3").fetchall()
+    return "; ".join(f"#{i}: {e}" for i, e in rows)
+
+
+def is_finished(p: Progress, slices: int, series: int, destinations: int) -> bool:
+    """Everything sent was stored, every series completed, every job done, every result delivered."""
+    return (p.instances >= slices and p.open_series == 0 and p.unfinished_jobs == 0
+            and p.report_jobs_done >= series and p.delivered == p.results * destinations)
+
+
+def wait_until_finished(edged: Edged, slices: int, series: int, destinations: int, timeout: float) -> float:
+    """Poll the journal until :func:`is_finished`; returns time.time() then. Dead jobs or deliveries fail."""
+    deadline = time.monotonic() + timeout
+    next_note = time.monotonic() + 10
+    conn = open_journal(edged.journal)
+    try:
+        while True:
+            p = progress(conn)
+            if p.dead_jobs:
+                raise BenchError(f"{p.dead_jobs} dead jobs: {_first_errors(conn, 'jobs')}")
+            if p.dead_deliveries:
+                raise BenchError(f"{p.dead_deliveries} dead deliveries: {_first_errors(conn, 'deliveries')}")
+            if is_finished(p, slices, series, destinations):
+                return time.time()
+            if edged.proc is not None and edged.proc.poll() is not None:
+                raise BenchError(f"edged exited with {edged.proc.returncode}:\n{_tail(edged.log)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"not finished after {timeout:.0f}s: {p.line(slices)}")
+            if time.monotonic() > next_note:
+                print(f"  waiting: {p.line(slices)}", file=sys.stderr, flush=True)
+                next_note = time.monotonic() + 10
+            time.sleep(0.25)
+    finally:
+        conn.close()
+
+
+# -- figures from the journal ------------------------------------------------------------------------
+
+
+@dataclass
+class SeriesTiming:
+    """Seconds after the series' last slice was received (``None``: that step did not happen)."""
+
+    series: int
+    slices: int
+    generations: int
+    completed: float | None  # series marked complete (quiet period + control-loop lag)
+    cls_last_finding: float | None
+    seg_series_done: float | None
+    sr: dict[str, float | None] = field(default_factory=dict)  # model -> SR delivered (or written)
+    all_results: float | None = None  # every result (SR, SEG) of the series delivered (or written)
+
+
+@dataclass
+class JournalFigures:
+    cls_jobs_done: int
+    first_received: float
+    last_received: float
+    last_cls_finished: float
+    latency_ms: list[float]  # received -> classifier job finished, per instance
+    series: list[SeriesTiming]
+    models: list[str]
+    results_by_kind: dict[str, int]
+
+
+def journal_figures(path: Path, sends: list[Send], delivered: bool) -> JournalFigures:
+    conn = open_journal(path)
+    try:
+        return _journal_figures(conn, sends, delivered)
+    finally:
+        conn.close()
+
+
+def _journal_figures(conn: sqlite3.Connection, sends: list[Send], delivered: bool) -> JournalFigures:
+    rows = conn.execute(
+        "SELECT i.received_at, j.finished_at FROM jobs j JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid"
+        " WHERE j.model = ? AND j.level = 'instance' AND j.state = 'done'", (CLASSIFIER,)).fetchall()
+    first_received = float(conn.execute("SELECT MIN(received_at) FROM instances").fetchone()[0])
+    last_received = float(conn.execute("SELECT MAX(received_at) FROM instances").fetchone()[0])
+    models = [m for (m,) in conn.execute("SELECT DISTINCT model FROM jobs ORDER BY model")]
+    kinds = dict(conn.execute("SELECT kind, COUNT(*) FROM results GROUP BY kind").fetchall())
+    # the series in the order they were sent: by first receipt
+    uids = [u for (u,) in conn.execute(
+        "SELECT series_instance_uid FROM instances GROUP BY series_instance_uid ORDER BY MIN(received_at)")]
+    timings = [_series_timing(conn, i, uid, models, delivered) for i, uid in enumerate(uids)]
+    return JournalFigures(
+        cls_jobs_done=len(rows),
+        first_received=first_received,
+        last_received=last_received,
+        last_cls_finished=max((f for _, f in rows), default=math.nan),
+        latency_ms=[(f - r) * 1000 for r, f in rows],
+        series=timings,
+        models=models,
+        results_by_kind={str(k): int(v) for k, v in kinds.items()},
+    )
+
+
+def _series_timing(conn: sqlite3.Connection, index: int, uid: str, models: list[str], delivered: bool) -> SeriesTiming:
+    def value(sql: str, *args: Any) -> float | None:
+        v = conn.execute(sql, (uid, *args)).fetchone()[0]
+        return None if v is None else float(v)
+
+    slices, last = conn.execute("SELECT COUNT(*), MAX(received_at) FROM instances WHERE series_instance_uid = ?",
+                                (uid,)).fetchone()
+    generation, completed = conn.execute(
+        "SELECT generation, completed_at FROM series WHERE series_instance_uid = ?", (uid,)).fetchone()
+
+    def after(t: float | None) -> float | None:
+        return None if t is None else t - last
+
+    # the final generation's results: a series reopened by a late slice has an older SR too
+    done_at = ("SELECT MAX(d.delivered_at) FROM deliveries d JOIN results r ON r.id = d.result_id"
+               " WHERE r.series_instance_uid = ? AND r.generation = ?" if delivered else
+               "SELECT MAX(r.created_at) FROM results r WHERE r.series_instance_uid = ? AND r.generation = ?")
+    t = SeriesTiming(
+        series=index, slices=int(slices), generations=int(generation) + 1,
+        completed=after(None if completed is None else float(completed)),
+        cls_last_finding=after(value("SELECT MAX(finished_at) FROM jobs WHERE series_instance_uid = ?"
+                                     " AND level = 'instance' AND model = ?", CLASSIFIER)),
+        seg_series_done=after(value("SELECT MAX(finished_at) FROM jobs WHERE series_instance_uid = ?"
+                                    " AND level = 'series'")),
+        all_results=after(value(done_at, generation)),
+    )
+    for model in models:
+        t.sr[model] = after(value(done_at + " AND r.model = ? AND r.kind = 'sr'", generation, model))
+    return t
+
+
+# -- figures from /metrics ---------------------------------------------------------------------------
+
+
+@dataclass
+class StageSum:
+    stage: str
+    model: str
+    seconds: float
+    count: int
+
+
+@dataclass
+class MetricFigures:
+    stages: list[StageSum]
+    batches: dict[str, dict[str, int]]  # model -> bucket label ("1", "2", "3-4", ...) -> batches
+    batch_mean: dict[str, float]
+
+
+def metric_figures(text: str) -> MetricFigures:
+    sums: dict[tuple[str, str], list[float]] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    batch_sum: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if family.name == "edged_stage_seconds" and s.name.endswith(("_sum", "_count")):
+                key = (s.labels["stage"], s.labels["model"])
+                sums.setdefault(key, [0.0, 0.0])[s.name.endswith("_count")] += s.value
+            elif family.name == "edged_store_seconds" and s.name.endswith(("_sum", "_count")):
+                sums.setdefault(("receive", "-"), [0.0, 0.0])[s.name.endswith("_count")] += s.value
+            elif family.name == "edged_batch_size" and s.name.endswith("_bucket"):
+                buckets.setdefault(s.labels["model"], []).append((float(s.labels["le"]), s.value))
+            elif family.name == "edged_batch_size" and s.name.endswith(("_sum", "_count")):
+                batch_sum.setdefault(s.labels["model"], [0.0, 0.0])[s.name.endswith("_count")] += s.value
+    order = {name: i for i, name in enumerate(STAGES)}
+    stages = sorted((StageSum(st, m, v[0], int(v[1])) for (st, m), v in sums.items()),
+                    key=lambda x: (order.get(x.stage, len(order)), x.model))
+    return MetricFigures(
+        stages=stages,
+        batches={m: _bucket_counts(b) for m, b in buckets.items()},
+        batch_mean={m: (v[0] / v[1] if v[1] else math.nan) for m, v in batch_sum.items()},
+    )
+
+
+def _bucket_counts(cumulative: list[tuple[float, float]]) -> dict[str, int]:
+    """Prometheus' cumulative ``le`` buckets of whole numbers as counts per range ("3-4": 2 < size <= 4)."""
+    out: dict[str, int] = {}
+    below, prev_le = 0.0, 0.0
+    for le, count in sorted(cumulative):
+        n = int(count - below)
+        lo = int(prev_le) + 1
+        label = (f">{int(prev_le)}" if math.isinf(le) else str(int(le)) if lo >= le else f"{lo}-{int(le)}")
+        if n:
+            out[label] = n
+        below, prev_le = count, le
+    return out
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    slices: int
+    series_size: int
+    quiet_seconds: float
+    cpu_count: int | None
+    cpu_affinity: int
+    engines_dir: str
+    backend: str
+    orthanc: bool
+    dcmtk: str
+    engine: list[EnginePoint]
+    sends: list[Send]
+    journal: JournalFigures
+    metrics: MetricFigures
+    edged_cpu_seconds: float  # from ready to the end of the run (start-up and model loading excluded)
+    run_seconds: float  # first storescu start -> everything finished
+    orthanc_instances: int | None
+    load_before: float  # 1-minute load average before the run: other work on the machine skews every figure
+    load_after: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results:
+    timings: dict[str, float] = {}
+    load_before = os.getloadavg()[0]
+    t0 = time.monotonic()
+    print(f"generating {args.slices} slices from {min(args.phantoms, args.slices)} chest phantoms ...",
+          file=sys.stderr, flush=True)
+    pool = phantom_pool(min(args.phantoms, args.slices), args.seed)
+    series = write_slices(root / "slices", args.slices, args.series_size, pool)
+    timings["generate"] = time.monotonic() - t0
+
+    pacs = None if args.no_orthanc else Pacs(root / "orthanc")
+    try:
+        if pacs is not None:
+            pacs.start()
+        edged = Edged(root / "edged", args.engines.resolve(), args.quiet_seconds,
+                      None if pacs is None else pacs.port)
+        edged.write_config()
+        try:
+            engine = bare_engine(edged, args.bench_seconds, timings)
+            t0 = time.monotonic()
+            edged.start()
+            timings["edged_start"] = time.monotonic() - t0
+            cpu0 = edged.cpu_seconds()
+            sends = []
+            for s in series:
+                print(f"sending series {s.index + 1}/{len(series)} ({len(s.files)} slices) ...", file=sys.stderr,
+                      flush=True)
+                sends.append(send_series(tools, edged.port, s, root / "storescu.log"))
+            finished = wait_until_finished(edged, args.slices, len(series), 0 if pacs is None else 1, args.timeout)
+            metrics_text = edged.metrics()
+            cpu = edged.cpu_seconds() - cpu0
+            (root / "metrics.txt").write_text(metrics_text)
+            backend = edged.backend()
+        finally:
+            edged.stop()
+        orthanc_instances = pacs.count() if pacs is not None else None
+    finally:
+        if pacs is not None:
+            pacs.stop()
+    return Results(
+        slices=args.slices, series_size=args.series_size, quiet_seconds=args.quiet_seconds,
+        cpu_count=os.cpu_count(), cpu_affinity=len(os.sched_getaffinity(0)), engines_dir=str(args.engines),
+        backend=backend, orthanc=pacs is not None, dcmtk=tools.version, engine=engine, sends=sends,
+        journal=journal_figures(edged.journal, sends, delivered=pacs is not None),
+        metrics=metric_figures(metrics_text), edged_cpu_seconds=cpu, run_seconds=finished - sends[0].started,
+        orthanc_instances=orthanc_instances, load_before=load_before, load_after=os.getloadavg()[0],
+        timings=timings,
+    )
+
+
+def bare_engine(edged: Edged, seconds: float, timings: dict[str, float]) -> list[EnginePoint]:
+    """The classifier at every batch size, and each other model at its largest batch (for its CPU share)."""
+    t0 = time.monotonic()
+    print(f"bare engine: edged engines bench {CLASSIFIER} --batch {' '.join(map(str, BENCH_BATCHES))} ...",
+          file=sys.stderr, flush=True)
+    log = edged.workdir / "bench.log"
+    points = engine_bench(edged.config, CLASSIFIER, BENCH_BATCHES, seconds, log)
+    for model, max_batch in other_models(edged.engines):
+        # two batch sizes: the first interval includes the start-up, the second gives the CPU share
+        points += engine_bench(edged.config, model, (1, max_batch), min(seconds, 2.0), log)[1:]
+    timings["engine_bench"] = time.monotonic() - t0
+    return points
+
+
+def other_models(engines: Path) -> Iterator[tuple[str, int]]:
+    """(name, max_batch) of the models in ``engines`` other than the classifier."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    for toml in sorted(engines.glob("*/model.toml")):
+        spec = tomllib.loads(toml.read_text())
+        if spec.get("name") != CLASSIFIER and (toml.parent / "model.onnx").exists():
+            yield str(spec["name"]), int(spec.get("batching", {}).get("max_batch", 1))
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def best_engine(r: Results) -> EnginePoint:
+    return max((p for p in r.engine if p.model == CLASSIFIER), key=lambda p: p.images_per_s)
+
+
+def summary(r: Results) -> dict[str, Any]:
+    """The headline figures (also the JSON's)."""
+    j, best = r.journal, best_engine(r)
+    span = j.last_cls_finished - j.first_received
+    findings_per_s = j.cls_jobs_done / span if span > 0 else math.nan
+    send_seconds = sum(s.seconds for s in r.sends)
+    inference = sum(s.seconds for s in r.metrics.stages if s.stage == "inference")
+    inference_cpu = sum(s.seconds * _cpu_share(r, s.model) for s in r.metrics.stages if s.stage == "inference")
+    sr_key = "delivered" if r.orthanc else "written"
+    out: dict[str, Any] = {
+        "findings_per_s": findings_per_s,
+        "bare_engine_images_per_s": best.images_per_s,
+        "bare_engine_batch": best.batch,
+        "ratio_to_bare_engine": findings_per_s / best.images_per_s,
+        "ingest_images_per_s": r.slices / send_seconds,
+        "latency_to_finding_ms": {"p50": percentile(j.latency_ms, 50), "p99": percentile(j.latency_ms, 99),
+                                  "max": max(j.latency_ms, default=math.nan)},
+        "edged_cpu_ms_per_slice": r.edged_cpu_seconds / r.slices * 1000,
+        "inference_wall_ms_per_slice": inference / r.slices * 1000,
+        "cpu_outside_inference_ms_per_slice": (r.edged_cpu_seconds - inference) / r.slices * 1000,
+        "cpu_outside_inference_cpu_adjusted_ms_per_slice": (r.edged_cpu_seconds - inference_cpu) / r.slices * 1000,
+        "edged_cores_busy": r.edged_cpu_seconds / r.run_seconds,
+    }
+    for model in j.models:
+        values = [t.sr.get(model) for t in j.series]
+        present = [v for v in values if v is not None]
+        out[f"sr_{sr_key}_s.{model}"] = {"p50": percentile(present, 50), "p99": percentile(present, 99),
+                                         "overhead_p50": percentile(present, 50) - r.quiet_seconds,
+                                         "overhead_p99": percentile(present, 99) - r.quiet_seconds}
+    return out
+
+
+def _cpu_share(r: Results, model: str) -> float:
+    """CPU seconds per second of inference wall time for ``model``: from the bench, at the batch size
+    closest to the mean batch the pipeline formed; 1.0 when the bench could not tell."""
+    points = [p for p in r.engine if p.model == model and p.cpu_cores is not None]
+    if not points:
+        return 1.0
+    mean = r.metrics.batch_mean.get(model, points[-1].batch)
+    mean = points[-1].batch if math.isnan(mean) else mean
+    return min(points, key=lambda p: abs(math.log(p.batch) - math.log(max(mean, 1.0)))).cpu_cores or 1.0
+
+
+def report(r: Results) -> str:
+    s, j = summary(r), r.journal
+    best = best_engine(r)
+    sr_word = "delivered to Orthanc" if r.orthanc else "written (no destination: --no-orthanc)"
+    lines = [
+        f"edged end-to-end: {r.slices} slices of 512x512 16-bit CT in {len(r.sends)} series of up to "
+        f"{r.series_size}, one storescu association per series, in sequence",
+        f"machine: {r.cpu_count} CPU cores ({r.cpu_affinity} usable), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, {r.dcmtk}",
+        f"edged: backend {r.backend}, engines {r.engines_dir}, series_quiet_seconds {r.quiet_seconds:g}, "
+        f"destination {'Orthanc (127.0.0.1)' if r.orthanc else 'none'}",
+        f"note: {NOTE}",
+        f"1-minute load average: {r.load_before:.2f} before the run, {r.load_after:.2f} at its end",
+    ]
+    if r.load_before > 0.5:
+        lines.append(f"WARNING: the machine was busy before the run (load {r.load_before:.2f}); the figures "
+                     f"include that competition")
+    lines += [
+        "",
+        f"bare engine (edged engines bench {CLASSIFIER}, nothing else running):",
+        f"  {'batch':>5} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU cores':>9}",
+    ]
+    for p in r.engine:
+        if p.model == CLASSIFIER:
+            lines.append(f"  {p.batch:>5} {p.images_per_s:>9.1f} {p.p50_ms:>8.2f} {p.p99_ms:>8.2f} "
+                         f"{_fmt(p.cpu_cores):>9}")
+    for p in r.engine:
+        if p.model != CLASSIFIER:
+            lines.append(f"  ({p.model} at batch {p.batch}: {p.images_per_s:.1f} images/s, "
+                         f"{_fmt(p.cpu_cores)} CPU cores)")
+    lines += [
+        "",
+        "headline:",
+        f"  {CLASSIFIER} findings/s (sustained)   {s['findings_per_s']:8.1f}   "
+        f"({j.cls_jobs_done} findings / first slice received -> last finding)",
+        f"  bare engine, best batch ({best.batch:>2})      {best.images_per_s:8.1f}",
+        f"  ratio end-to-end / bare engine      {s['ratio_to_bare_engine']:8.2f}x",
+        f"  ingest images/s (storescu, summed)  {s['ingest_images_per_s']:8.1f}   "
+        f"(with the pipeline running beside it)",
+        f"  findings/s / ingest images/s        {s['findings_per_s'] / s['ingest_images_per_s']:8.2f}x   "
+        f"(~1: the pipeline kept up and the sender set the pace)",
+        f"  latency received -> finding, ms     p50 {s['latency_to_finding_ms']['p50']:.0f}  "
+        f"p99 {s['latency_to_finding_ms']['p99']:.0f}  max {s['latency_to_finding_ms']['max']:.0f}",
+        "",
+        f"time to result per series: seconds after its last slice was received (SR {sr_word});",
+        f"overhead = SR time - series_quiet_seconds ({r.quiet_seconds:g} s):",
+    ]
+    lines += _series_table(r)
+    lines += ["", "where the time goes (/metrics histogram sums; stages overlap across threads):"]
+    lines += _stage_table(r)
+    lines += ["", "batch sizes the batcher formed (batches per size range):"]
+    for model, counts in sorted(r.metrics.batches.items()):
+        ranges = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        lines.append(f"  {model:<14} mean {_fmt(r.metrics.batch_mean.get(model), '.1f')}   {ranges}")
+    lines += [
+        "",
+        "edged CPU time (utime+stime of the daemon from ready to finished, start-up excluded):",
+        f"  total                          {s['edged_cpu_ms_per_slice']:7.1f} ms/slice   "
+        f"({r.edged_cpu_seconds:.1f} s CPU in {r.run_seconds:.1f} s: {s['edged_cores_busy']:.2f} cores busy)",
+        f"  inference stage (wall)         {s['inference_wall_ms_per_slice']:7.1f} ms/slice",
+        f"  outside inference              {s['cpu_outside_inference_ms_per_slice']:7.1f} ms/slice   "
+        f"(total CPU - inference wall time)",
+        f"  outside inference, adjusted    {s['cpu_outside_inference_cpu_adjusted_ms_per_slice']:7.1f} ms/slice   "
+        f"(total CPU - inference wall x the engine's CPU cores in the bench)",
+    ]
+    kinds = ", ".join(f"{v} {k.upper()}" for k, v in sorted(j.results_by_kind.items()))
+    lines += ["", f"results: {kinds or 'none'}" + (
+        f"; Orthanc holds {r.orthanc_instances} instances" if r.orthanc_instances is not None else "")]
+    reopened = [t.series for t in j.series if t.generations > 1]
+    if reopened:
+        lines.append(f"warning: series {reopened} were completed more than once (a pause longer than the quiet "
+                     f"period while they were being sent); their SR figures are for the last generation")
+    return "\n".join(lines)
+
+
+def _series_table(r: Results) -> list[str]:
+    models = r.journal.models
+    head = f"  {'series':>6} {'slices':>6} {'send s':>7} {'complete':>8} {'cls last':>8} {'seg done':>8}"
+    head += "".join(f" {('SR ' + m)[:18]:>18}" for m in models) + f" {'all':>6} {'overhead':>8}"
+    lines = [head]
+    for t, send in zip(r.journal.series, r.sends):
+        row = (f"  {t.series:>6} {t.slices:>6} {send.seconds:>7.1f} {_fmt(t.completed):>8} "
+               f"{_fmt(t.cls_last_finding):>8} {_fmt(t.seg_series_done):>8}")
+        row += "".join(f" {_fmt(t.sr.get(m)):>18}" for m in models)
+        row += f" {_fmt(t.all_results):>6} {_fmt(None if t.all_results is None else t.all_results - r.quiet_seconds):>8}"
+        lines.append(row)
+    for q in (50, 99):
+        row = f"  {'p' + str(q):>6} {'':>6} {'':>7} {'':>8} {'':>8} {'':>8}"
+        row += "".join(f" {_fmt(percentile([v for t in r.journal.series if (v := t.sr.get(m)) is not None], q)):>18}"
+                       for m in models)
+        alls = [t.all_results for t in r.journal.series if t.all_results is not None]
+        row += f" {_fmt(percentile(alls, q)):>6} {_fmt(percentile(alls, q) - r.quiet_seconds):>8}"
+        lines.append(row)
+    lines.append("  (complete: series marked complete; cls last: its last classifier finding; seg done: the series "
+                 "job of the segmentation model; all: every result of the series)")
+    return lines
+
+
+def _stage_table(r: Results) -> list[str]:
+    busy = sum(st.seconds for st in r.metrics.stages if st.stage not in WAIT_STAGES)
+    lines = [f"  {'stage':<13} {'model':<14} {'seconds':>8} {'count':>7} {'mean ms':>8} {'share':>6} {'ms/slice':>8}"]
+    for st in r.metrics.stages:
+        share = "(wait)" if st.stage in WAIT_STAGES else f"{100 * st.seconds / busy:5.1f}%" if busy else "-"
+        mean = 1000 * st.seconds / st.count if st.count else math.nan
+        lines.append(f"  {st.stage:<13} {st.model:<14} {st.seconds:>8.2f} {st.count:>7} {_fmt(mean, '.2f'):>8} "
+                     f"{share:>6} {1000 * st.seconds / r.slices:>8.2f}")
+    lines.append("  (receive = edged_store_seconds; shares are of the working stages' total, queue_wait left out)")
+    return lines
+
+
+def to_json(r: Results) -> dict[str, Any]:
+    return {
+        "summary": summary(r),
+        "slices": r.slices, "series_size": r.series_size, "quiet_seconds": r.quiet_seconds,
+        "cpu_count": r.cpu_count, "cpu_affinity": r.cpu_affinity, "engines_dir": r.engines_dir,
+        "backend": r.backend, "orthanc": r.orthanc, "dcmtk": r.dcmtk, "note": NOTE,
+        "platform": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "engine_bench": [asdict(p) for p in r.engine],
+        "sends": [asdict(s) for s in r.sends],
+        "series": [asdict(t) for t in r.journal.series],
+        "stages": [asdict(s) for s in r.metrics.stages],
+        "batch_sizes": r.metrics.batches, "batch_mean": r.metrics.batch_mean,
+        "edged_cpu_seconds": r.edged_cpu_seconds, "run_seconds": r.run_seconds,
+        "load_before": r.load_before, "load_after": r.load_after,
+        "results_by_kind": r.journal.results_by_kind, "orthanc_instances": r.orthanc_instances,
+        "timings": r.timings,
+    }
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/e2e.py",
+        description="Push synthetic chest CT series through edged with DCMTK storescu, with Orthanc as the PACS, "
+                    "and report findings/s against the bare engine, ingest rate, time to result, where the time "
+                    "goes and edged's CPU per slice outside inference. " + NOTE + ".",
+        epilog="Needs DCMTK (storescu) and, unless --no-orthanc, Debian's orthanc and a C compiler (tests/orthanc.py). "
+               "Example: .venv/bin/python benchmarks/e2e.py --slices 300 --series-size 300 --json e2e.json",
+    )
+    p.add_argument("--slices", type=_positive, default=1000, metavar="N", help="CT slices to send (default: 1000)")
+    p.add_argument("--series-size", type=_positive, default=300, metavar="K",
+                   help="slices per series; one storescu association per series, in sequence (default: 300)")
+    p.add_argument("--no-orthanc", action="store_true",
+                   help="no destination: time to result is measured to the SR written, not delivered")
+    p.add_argument("--engines", type=Path, default=REPO / "engines", metavar="DIR",
+                   help="model repository for [engines] dir (default: the checkout's engines/)")
+    p.add_argument("--quiet-seconds", type=float, default=2.0, metavar="S",
+                   help="[pipeline] series_quiet_seconds (default: 2.0)")
+    p.add_argument("--phantoms", type=_positive, default=50, metavar="P",
+                   help="distinct chest phantoms the slices cycle through (default: 50)")
+    p.add_argument("--seed", type=int, default=0, help="phantom generator seed (default: 0)")
+    p.add_argument("--bench-seconds", type=float, default=3.0, metavar="S",
+                   help="seconds per batch size for the bare engine bench (default: 3)")
+    p.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+                   help="give up when the pipeline has not finished this long after the last storescu (default: 1800)")
+    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                   help="where to create the temporary work dir (default: the system's temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (slices, journal, logs, metrics)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON to FILE")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so that the finally blocks still run
+    if not (args.engines / CLASSIFIER / "model.onnx").exists():
+        print(f"e2e.py: {args.engines / CLASSIFIER / 'model.onnx'} does not exist (use --engines DIR)", file=sys.stderr)
+        return 2
+    try:
+        tools = find_tools()
+    except BenchError as exc:
+        print(f"e2e.py: {exc}", file=sys.stderr)
+        return 2
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="edged-e2e-", dir=args.workdir))
+    try:
+        results = run_benchmark(args, root, tools)
+        print(report(results))
+        if args.json is not None:
+            args.json.write_text(json.dumps(_no_nan(to_json(results)), indent=2) + "\n")
+            print(f"\nfigures written to {args.json}")
+        return 0
+    except BenchError as exc:
+        print(f"\ne2e.py: {exc}", file=sys.stderr)
+        args.keep = True  # for inspection: logs, configs, journal
+        return 1
+    except KeyboardInterrupt:
+        print("\ne2e.py: interrupted; stopping the processes it started", file=sys.stderr)
+        return 130
+    except BaseException:
+        args.keep = True
+        raise
+    finally:
+        reap_all()
+        if args.keep:
+            print(f"work dir kept: {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _no_nan(o: Any) -> Any:
+    """NaN (a figure that could not be computed) as null: JSON has no NaN."""
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _no_nan(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_no_nan(v) for v in o]
+    return o
+
+
+if __name__ == "__main__":
+    sys.exit(main())
