@@ -5,8 +5,9 @@ beside the series, not one per slice. Content:
 
 * TID 1001 observation context with edged as the device observer (TID 1004);
 * procedure reported; the image library of the source images (TID 1600, by highdicom);
-* per finding, a measurement group: TID 1501 (image-level: classification, one group per instance and
-  label, referencing its source image) or TID 1411 (volumetric: segmentation, referencing the SEG
+* per finding, a measurement group: TID 1501 (image-level: classification, one group per label for the
+  series, present if any image is, with the highest probability and each positive image's probability
+  inferred from that image) or TID 1411 (volumetric: segmentation, referencing the SEG
   segment), each with the algorithm identification (TID 4019: model name, version, parameters), the
   finding type, a qualitative evaluation (present / absent) and measurements in UCUM units
   (probability {1}; area mm2 or volume mm3), and for a lesion its centroid as a 3D point (a TID 1411
@@ -35,6 +36,7 @@ from highdicom.sr import (
     ObserverContext,
     QualitativeEvaluation,
     ReferencedSegment,
+    SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     SourceSeriesForSegmentation,
     TrackingIdentifier,
@@ -109,6 +111,35 @@ def _centroid_group(tracking: TrackingIdentifier, spec: ModelSpec, label: Any, m
         finding_type=coded(label.code), algorithm_id=algorithm(spec, label.threshold))
 
 
+def _image_level_group(spec: ModelSpec, label: Any, findings: list[dict[str, Any]], by_uid: dict[str, Dataset],
+                       series_uid: str) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for one label over a series' images: present if any image is; the highest probability;
+    and for each image where the finding is present, its probability (and area) inferred from that image.
+
+    One group per label and series, not per image: a viewer shows the slices with findings, and the
+    document stays small (highdicom's cost grows with every content item)."""
+    positives = [f for f in findings if f["present"]]
+    top = max(findings, key=lambda f: f["probability"])
+    measurements = [Measurement(name=PROBABILITY, value=float(top["probability"]), unit=UNITLESS)]
+    images = []
+    for f in positives:
+        ds = by_uid[f["sop_instance_uid"]]
+        ref = [SourceImageForMeasurement(str(ds.SOPClassUID), str(ds.SOPInstanceUID))]
+        images.append(SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+        measurements.append(Measurement(name=PROBABILITY, value=float(f["probability"]), unit=UNITLESS,
+                                        referenced_images=ref))
+        m = f["measurements_dict"]
+        if "area_mm2" in m:
+            measurements.append(Measurement(name=codes.SCT.Area, value=float(m["area_mm2"]), unit=MM2,
+                                            referenced_images=ref))
+    evaluation = QualitativeEvaluation(name=coded(label.code), value=PRESENT if positives else ABSENT)
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=derived_uid("tracking", series_uid, spec.name, spec.version,
+                                                               label.name), identifier=f"{label.name}"[:64]),
+        finding_type=coded(label.code), algorithm_id=algorithm(spec, label.threshold), measurements=measurements,
+        qualitative_evaluations=[evaluation], source_images=images or None)
+
+
 def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[str, Any]], series_uid: str,
              sop_uid: str, instance_number: int, device_uid: str, segments: dict[str, SegmentRef],
              predecessor: Dataset | None = None, extra_evidence: list[Dataset] = ()) -> Comprehensive3DSR:  # type: ignore[assignment]
@@ -124,20 +155,17 @@ def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[st
     by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
     frame_of_reference = str(getattr(evidence[0], "FrameOfReferenceUID", "") or "") or None
     groups: list[Any] = []
-    for f in findings:
+    per_image = [f for f in findings if f["level"] == "instance"]
+    for label_name in dict.fromkeys(f["label"] for f in per_image):
+        groups.append(_image_level_group(spec, labels[label_name], [f for f in per_image if f["label"] == label_name],
+                                         by_uid, series_uid))
+    for f in (f for f in findings if f["level"] != "instance"):
         label = labels[f["label"]]
         measurements, evaluation = _common(f, label)
         m = f["measurements_dict"]
-        tracking = TrackingIdentifier(
-            uid=derived_uid("tracking", f.get("sop_instance_uid") or series_uid, spec.name, spec.version, label.name),
-            identifier=f"{label.name}"[:64])
-        if f["level"] == "instance":
-            ds = by_uid[f["sop_instance_uid"]]
-            groups.append(MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking, finding_type=coded(label.code), algorithm_id=algorithm(spec, label.threshold),
-                measurements=measurements + _size_measurements(m), qualitative_evaluations=[evaluation],
-                source_images=[SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID))]))
-        elif label.name in segments:
+        tracking = TrackingIdentifier(uid=derived_uid("tracking", series_uid, spec.name, spec.version, label.name),
+                                      identifier=f"{label.name}"[:64])
+        if label.name in segments:
             seg = segments[label.name]
             groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking,
