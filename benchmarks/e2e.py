@@ -46,7 +46,7 @@ from edged.synthetic import chest_phantom, ct_slice
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from ingest import BenchError, Tools, dcmtk_env, find_tools, reap_all, spawn, stop_proc  # noqa: E402
+from ingest import BenchError, Tools, _positive, dcmtk_env, find_tools, reap_all, spawn, stop_proc  # noqa: E402
 
 HOST = "127.0.0.1"
 MAX_PDU = 131072
@@ -831,13 +831,6 @@ def to_json(r: Results) -> dict[str, Any]:
 
 
 # -- command line ------------------------------------------------------------------------------------
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
