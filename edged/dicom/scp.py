@@ -36,13 +36,13 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from edged import logs
 from edged.audit import AuditLog
 from edged.config import DicomConfig
 from edged.dicom import status
 from edged.dicom.contexts import SharedContexts
+from edged.dicom.server import ListeningServer, start_server
 from edged.dicom.header import HeaderError, read_header
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
 from edged.metrics import Metrics
@@ -324,7 +324,7 @@ class Listener:
         self.cfg = cfg
         self.handler = handler
         self.ae = build_ae(cfg)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: ListeningServer | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -344,9 +344,9 @@ class Listener:
             (evt.EVT_ABORTED, h.on_aborted),
         ]
         try:
-            self._server = self.ae.start_server(
-                (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
-                ssl_context=_tls_context(self.cfg), contexts=SharedContexts(self.ae.supported_contexts),
+            self._server = start_server(
+                self.ae, (self.cfg.host, self.cfg.port), evt_handlers=handlers, ssl_context=_tls_context(self.cfg),
+                contexts=SharedContexts(self.ae.supported_contexts), handshake_timeout=self.cfg.acse_timeout,
             )
         except OSError as exc:
             raise EdgedError(

@@ -59,3 +59,18 @@ def test_client_without_certificate_fails(tls_edged: EdgedProcess, pki: Path, ct
     ok = run([require_tool("echoscu"), "+tls", str(pki / "client.key"), str(pki / "client.crt"),
               "+cf", str(pki / "ca.crt"), "-aec", "EDGED", "127.0.0.1", str(tls_edged.port)])
     assert ok.returncode == 0, ok.stderr
+
+
+def test_silent_client_does_not_stall_other_senders(tls_edged: EdgedProcess, pki: Path) -> None:
+    """A client that connects and never starts its TLS handshake must not block the accept loop
+    (pynetdicom handshakes inside it; edged handshakes in the connection's own thread)."""
+    import socket
+
+    silent = socket.create_connection(("127.0.0.1", tls_edged.port))
+    try:
+        ok = run([require_tool("echoscu"), "-to", "10", "-ta", "10", "+tls", str(pki / "client.key"),
+                  str(pki / "client.crt"), "+cf", str(pki / "ca.crt"), "-aec", "EDGED", "127.0.0.1",
+                  str(tls_edged.port)], timeout=60)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        silent.close()

@@ -1,0 +1,62 @@
+"""The listening server: pynetdicom's threaded association server, with the TLS handshake moved out of
+the accept loop.
+
+pynetdicom wraps each accepted socket in TLS inside ``get_request``, that is inside its single accept
+loop: one client that connects and never starts its handshake stalls every new association until the
+handshake times out. Here ``get_request`` only accepts; the handshake runs in the connection's own thread,
+bounded by ``handshake_timeout``, so honest senders are accepted meanwhile.
+
+Written against pynetdicom 3.0 (checked with the contexts module's pin at import).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from edged import logs
+from edged.dicom import contexts  # noqa: F401 - imports the pynetdicom version check
+
+log = logging.getLogger("edged.scp")
+
+
+class ListeningServer(ThreadedAssociationServer):
+    handshake_timeout: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        return self.socket.accept()  # no TLS here: see process_request_thread
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            try:
+                request.settimeout(self.handshake_timeout)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (ssl.SSLError, OSError) as exc:
+                logs.event(log, logging.WARNING, "tls.handshake_failed", peer=f"{client_address[0]}:{client_address[1]}",
+                           error=type(exc).__name__)
+                try:
+                    request.close()
+                except OSError:
+                    pass
+                return
+        super().process_request_thread(request, client_address)
+
+
+def start_server(ae: AE, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None, evt_handlers: list,
+                 contexts: list, handshake_timeout: float) -> ListeningServer:
+    """Like ``AE.start_server(block=False)``, with :class:`ListeningServer`."""
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers, contexts=contexts,
+                            server_class=ListeningServer)
+    server.handshake_timeout = handshake_timeout
+    thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # AE.shutdown and the server's own shutdown keep this list
+    return server
