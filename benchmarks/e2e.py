@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import sqlite3
@@ -88,6 +89,57 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent busy since boot (/proc/stat: user, nice, system, irq, softirq)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+def _rusage_seconds(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds consumed so far by the machine and by each part of the run, at one moment."""
+
+    wall: float
+    machine: float
+    edged: float
+    orthanc: float
+    senders: float  # this script's finished children: storescu (and the engine benches, before the window)
+    script: float
+
+    @classmethod
+    def take(cls, edged_pid: int, orthanc_pid: int | None) -> "CpuSnapshot":
+        return cls(time.monotonic(), machine_busy_seconds(), proc_cpu_seconds(edged_pid),
+                   proc_cpu_seconds(orthanc_pid) if orthanc_pid is not None else 0.0,
+                   _rusage_seconds(resource.RUSAGE_CHILDREN), _rusage_seconds(resource.RUSAGE_SELF))
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """Cores busy on average (CPU seconds / wall seconds) between two snapshots, per part of the run."""
+
+    seconds: float
+    edged: float
+    edged_cpu_seconds: float
+    orthanc: float
+    senders: float
+    script: float
+    others: float  # everything else on the machine: other people's work skews every figure
+
+    @classmethod
+    def between(cls, a: CpuSnapshot, b: CpuSnapshot) -> "CpuUse":
+        wall = max(b.wall - a.wall, 1e-9)
+        parts = [b.edged - a.edged, b.orthanc - a.orthanc, b.senders - a.senders, b.script - a.script]
+        others = (b.machine - a.machine) - sum(parts)
+        return cls(wall, parts[0] / wall, parts[0], parts[1] / wall, parts[2] / wall, parts[3] / wall,
+                   max(0.0, others) / wall)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else math.nan
 
@@ -144,6 +196,7 @@ class EnginePoint:
     p99_ms: float
     backend: str
     cpu_cores: float | None  # CPU seconds per wall second of the bench process while it ran this batch size
+    others_cores: float | None  # the same for every other process on the machine (should be ~0)
 
 
 def engine_bench(config: Path, model: str, batches: Sequence[int], seconds: float, log: Path) -> list[EnginePoint]:
@@ -156,19 +209,22 @@ def engine_bench(config: Path, model: str, batches: Sequence[int], seconds: floa
     with log.open("ab") as err:
         proc = spawn(cmd, group=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
     points: list[EnginePoint] = []
-    last: tuple[float, float] | None = None
+    last: tuple[float, float, float] | None = None
     assert proc.stdout is not None
     for raw in proc.stdout:
-        now = (time.monotonic(), _cpu_or_nan(proc.pid))
+        now = (time.monotonic(), _cpu_or_nan(proc.pid), machine_busy_seconds())
         line = raw.decode(errors="replace").strip()
         if not line.startswith("{"):
             continue
         rec = json.loads(line)
-        cores = None if last is None else (now[1] - last[1]) / max(now[0] - last[0], 1e-9)
+        cores = others = None
+        if last is not None and not math.isnan(now[1]):
+            wall = max(now[0] - last[0], 1e-9)
+            cores = (now[1] - last[1]) / wall
+            others = max(0.0, (now[2] - last[2]) - (now[1] - last[1])) / wall
         last = now
         points.append(EnginePoint(model, int(rec["batch"]), float(rec["images_per_s"]), float(rec["p50_ms"]),
-                                  float(rec["p99_ms"]), str(rec.get("backend", "?")),
-                                  None if cores is None or math.isnan(cores) else cores))
+                                  float(rec["p99_ms"]), str(rec.get("backend", "?")), cores, others))
     rc = proc.wait()
     if rc != 0 or not points:
         raise BenchError(f"edged engines bench {model} failed ({rc}):\n{_tail(log)}")
@@ -268,9 +324,10 @@ class Edged:
         found = BACKEND.search(self.log.read_text(errors="replace"))
         return found.group(1) if found else "?"
 
-    def cpu_seconds(self) -> float:
+    @property
+    def pid(self) -> int:
         assert self.proc is not None
-        return proc_cpu_seconds(self.proc.pid)
+        return self.proc.pid
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/metrics", timeout=30) as r:
@@ -562,7 +619,7 @@ class Results:
     sends: list[Send]
     journal: JournalFigures
     metrics: MetricFigures
-    edged_cpu_seconds: float  # from ready to the end of the run (start-up and model loading excluded)
+    cpu: CpuUse  # from edged ready (models loaded) to the end of the run
     run_seconds: float  # first storescu start -> everything finished
     orthanc_instances: int | None
     load_before: float  # 1-minute load average before the run: other work on the machine skews every figure
@@ -592,7 +649,8 @@ def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results
             t0 = time.monotonic()
             edged.start()
             timings["edged_start"] = time.monotonic() - t0
-            cpu0 = edged.cpu_seconds()
+            orthanc_pid = pacs.server.proc.pid if pacs is not None else None
+            cpu0 = CpuSnapshot.take(edged.pid, orthanc_pid)
             sends = []
             for s in series:
                 print(f"sending series {s.index + 1}/{len(series)} ({len(s.files)} slices) ...", file=sys.stderr,
@@ -600,7 +658,7 @@ def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results
                 sends.append(send_series(tools, edged.port, s, root / "storescu.log"))
             finished = wait_until_finished(edged, args.slices, len(series), 0 if pacs is None else 1, args.timeout)
             metrics_text = edged.metrics()
-            cpu = edged.cpu_seconds() - cpu0
+            cpu = CpuUse.between(cpu0, CpuSnapshot.take(edged.pid, orthanc_pid))
             (root / "metrics.txt").write_text(metrics_text)
             backend = edged.backend()
         finally:
@@ -614,7 +672,7 @@ def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results
         cpu_count=os.cpu_count(), cpu_affinity=len(os.sched_getaffinity(0)), engines_dir=str(args.engines),
         backend=backend, orthanc=pacs is not None, dcmtk=tools.version, engine=engine, sends=sends,
         journal=journal_figures(edged.journal, sends, delivered=pacs is not None),
-        metrics=metric_figures(metrics_text), edged_cpu_seconds=cpu, run_seconds=finished - sends[0].started,
+        metrics=metric_figures(metrics_text), cpu=cpu, run_seconds=finished - sends[0].started,
         orthanc_instances=orthanc_instances, load_before=load_before, load_after=os.getloadavg()[0],
         timings=timings,
     )
@@ -675,11 +733,11 @@ def summary(r: Results) -> dict[str, Any]:
         "ingest_images_per_s": r.slices / send_seconds,
         "latency_to_finding_ms": {"p50": percentile(j.latency_ms, 50), "p99": percentile(j.latency_ms, 99),
                                   "max": max(j.latency_ms, default=math.nan)},
-        "edged_cpu_ms_per_slice": r.edged_cpu_seconds / r.slices * 1000,
+        "edged_cpu_ms_per_slice": r.cpu.edged_cpu_seconds / r.slices * 1000,
         "inference_wall_ms_per_slice": inference / r.slices * 1000,
-        "cpu_outside_inference_ms_per_slice": (r.edged_cpu_seconds - inference) / r.slices * 1000,
-        "cpu_outside_inference_cpu_adjusted_ms_per_slice": (r.edged_cpu_seconds - inference_cpu) / r.slices * 1000,
-        "edged_cores_busy": r.edged_cpu_seconds / r.run_seconds,
+        "cpu_outside_inference_ms_per_slice": (r.cpu.edged_cpu_seconds - inference) / r.slices * 1000,
+        "cpu_outside_inference_cpu_adjusted_ms_per_slice": (r.cpu.edged_cpu_seconds - inference_cpu) / r.slices * 1000,
+        "edged_cores_busy": r.cpu.edged,
     }
     for model in j.models:
         values = [t.sr.get(model) for t in j.series]
@@ -720,17 +778,19 @@ def report(r: Results) -> str:
                      f"include that competition")
     lines += [
         "",
-        f"bare engine (edged engines bench {CLASSIFIER}, nothing else running):",
-        f"  {'batch':>5} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU cores':>9}",
+        f"bare engine (edged engines bench {CLASSIFIER}, before the daemon starts):",
+        f"  {'batch':>5} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU cores':>9} {'others':>6}",
     ]
     for p in r.engine:
         if p.model == CLASSIFIER:
             lines.append(f"  {p.batch:>5} {p.images_per_s:>9.1f} {p.p50_ms:>8.2f} {p.p99_ms:>8.2f} "
-                         f"{_fmt(p.cpu_cores):>9}")
+                         f"{_fmt(p.cpu_cores):>9} {_fmt(p.others_cores):>6}")
     for p in r.engine:
         if p.model != CLASSIFIER:
             lines.append(f"  ({p.model} at batch {p.batch}: {p.images_per_s:.1f} images/s, "
-                         f"{_fmt(p.cpu_cores)} CPU cores)")
+                         f"{_fmt(p.cpu_cores)} CPU cores, others {_fmt(p.others_cores)})")
+    lines.append("  (CPU cores: the bench process's CPU time per second while it ran that batch size; the first "
+                 "size's interval includes its start-up, so none is shown; others: every other process's)")
     lines += [
         "",
         "headline:",
@@ -759,13 +819,22 @@ def report(r: Results) -> str:
         "",
         "edged CPU time (utime+stime of the daemon from ready to finished, start-up excluded):",
         f"  total                          {s['edged_cpu_ms_per_slice']:7.1f} ms/slice   "
-        f"({r.edged_cpu_seconds:.1f} s CPU in {r.run_seconds:.1f} s: {s['edged_cores_busy']:.2f} cores busy)",
+        f"({r.cpu.edged_cpu_seconds:.1f} s CPU in {r.cpu.seconds:.1f} s: {s['edged_cores_busy']:.2f} cores busy)",
         f"  inference stage (wall)         {s['inference_wall_ms_per_slice']:7.1f} ms/slice",
         f"  outside inference              {s['cpu_outside_inference_ms_per_slice']:7.1f} ms/slice   "
         f"(total CPU - inference wall time)",
         f"  outside inference, adjusted    {s['cpu_outside_inference_cpu_adjusted_ms_per_slice']:7.1f} ms/slice   "
         f"(total CPU - inference wall x the engine's CPU cores in the bench)",
     ]
+    c = r.cpu
+    lines += [
+        "",
+        f"cores busy on average from edged ready to finished ({c.seconds:.1f} s): edged {c.edged:.2f}, storescu "
+        f"{c.senders:.2f}, Orthanc {c.orthanc:.2f}, this script {c.script:.2f}, other processes {c.others:.2f}",
+    ]
+    if c.others > 0.2:
+        lines.append(f"WARNING: other processes kept {c.others:.2f} cores busy during the run; the figures include "
+                     f"that competition")
     kinds = ", ".join(f"{v} {k.upper()}" for k, v in sorted(j.results_by_kind.items()))
     lines += ["", f"results: {kinds or 'none'}" + (
         f"; Orthanc holds {r.orthanc_instances} instances" if r.orthanc_instances is not None else "")]
@@ -823,7 +892,7 @@ def to_json(r: Results) -> dict[str, Any]:
         "series": [asdict(t) for t in r.journal.series],
         "stages": [asdict(s) for s in r.metrics.stages],
         "batch_sizes": r.metrics.batches, "batch_mean": r.metrics.batch_mean,
-        "edged_cpu_seconds": r.edged_cpu_seconds, "run_seconds": r.run_seconds,
+        "cpu_cores_busy": asdict(r.cpu), "run_seconds": r.run_seconds,
         "load_before": r.load_before, "load_after": r.load_after,
         "results_by_kind": r.journal.results_by_kind, "orthanc_instances": r.orthanc_instances,
         "timings": r.timings,
