@@ -46,10 +46,14 @@ def deliveries(edged: EdgedProcess) -> dict:
 
 
 def wait_delivered(edged: EdgedProcess, n: int, timeout: float = 120) -> None:
+    """Until at least ``n`` deliveries are delivered, every job (reports included) has finished and every
+    result is delivered: a report still being written has no delivery yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         d = deliveries(edged)
-        if d["delivered"] >= n and d["pending"] == 0:
+        finished = all(r["state"] in ("done", "dead") for r in jobs(edged))
+        results = len(edged.query("SELECT id FROM results"))
+        if d["delivered"] >= max(n, results) and d["pending"] == 0 and finished:
             return
         assert edged.alive(), edged.log_text()[-3000:]
         time.sleep(0.3)
