@@ -44,21 +44,18 @@ def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool) -> l
         return []  # every job on the series died: nothing to report (their errors are in the journal)
     for f in findings:
         f["measurements_dict"] = json.loads(f["measurements"])
-    source_uids: list[str] = []
+    sources: dict[str, None] = {}
     for f in findings:
-        uids = [f["sop_instance_uid"]] if f["level"] == "instance" else json.loads(f["sources"] or "[]")
-        for u in uids:
-            if u not in source_uids:
-                source_uids.append(u)
-    evidence = []
-    for uid in source_uids:
-        relpath = journal.instance_path(uid)
-        if relpath is None:
-            raise FileNotFoundError("a source instance is not in the journal")
-        evidence.append(dcmread(spool.path(relpath), stop_before_pixels=True))
-    if findings[0]["level"] == "instance":  # the image library in series order
-        order = {u: i for i, u in enumerate(s for s, _ in journal.series_sources(job.series_instance_uid))}
-        evidence.sort(key=lambda ds: order.get(str(ds.SOPInstanceUID), 0))
+        sources.update(dict.fromkeys([f["sop_instance_uid"]] if f["level"] == "instance"
+                                     else json.loads(f["sources"] or "[]")))
+    source_uids = list(sources)
+    on_file = {row[0]: row for row in journal.series_instances(job.series_instance_uid)}  # arrival order
+    if any(u not in on_file for u in source_uids):
+        raise FileNotFoundError("a source instance is not in the journal")
+    if findings[0]["level"] == "instance":  # the evidence in series order
+        order = {u: i for i, u in enumerate(on_file)}
+        source_uids.sort(key=order.__getitem__)
+    evidence = _evidence(spool, job.series_instance_uid, [on_file[u] for u in source_uids])
 
     uids = result_uids(job.series_instance_uid, spec.name, spec.version, job.generation)
     records: list[ResultRecord] = []
@@ -70,9 +67,9 @@ def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool) -> l
         if f["mask_path"] and f["level"] == "series":
             masks.append((label_index[f["label"]], spool.read_mask(f["mask_path"]), f["label"]))
     if masks:
-        by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
         series_sources = json.loads(next(f["sources"] for f in findings if f["level"] == "series"))
-        seg_sources = [by_uid[u] for u in series_sources]
+        # the SEG needs each source's geometry: full headers (no pixel data: highdicom copies them)
+        seg_sources = [dcmread(spool.path(on_file[u][3]), stop_before_pixels=True) for u in series_sources]
         seg = build_segmentation(spec=spec, sources=seg_sources, masks=[(i, m) for i, m, _ in masks],
                                  series_uid=uids.seg_series, sop_uid=uids.seg_instance,
                                  instance_number=job.generation + 1)
@@ -91,6 +88,22 @@ def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool) -> l
                   segments=segments, predecessor=predecessor)
     records.append(ResultRecord("sr", str(sr.SOPClassUID), uids.sr_instance, _store(spool, sr)))
     return records
+
+
+def _evidence(spool: Spool, series_uid: str, rows: list[tuple[str, str, str, str]]) -> list[Dataset]:
+    """The SR's evidence: the first source's header read from the spool (highdicom copies the patient and
+    study modules from it), the others as the four UIDs the evidence sequences list, from the journal.
+    highdicom deep-copies and searches its evidence, so every attribute left out is time saved."""
+    first = dcmread(spool.path(rows[0][3]), stop_before_pixels=True)
+    evidence = [first]
+    for sop_uid, sop_class, study_uid, _ in rows[1:]:
+        ds = Dataset()
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        evidence.append(ds)
+    return evidence
 
 
 def _predecessor(previous: dict[str, Any], evidence: Dataset, sr_series: str) -> Dataset:

@@ -4,7 +4,10 @@ One document per source series and model (and generation): a radiologist's viewe
 beside the series, not one per slice. Content:
 
 * TID 1001 observation context with edged as the device observer (TID 1004);
-* procedure reported; the image library of the source images (TID 1600, by highdicom);
+* procedure reported; no Image Library (TID 1600; highdicom makes it optional): describing every source
+  slice costs highdicom ~35 ms each (several content items per image, each deep-copied and searched
+  again), more than the whole rest of the document. The source images are listed in the Current Requested
+  Procedure Evidence Sequence instead, and each image with a finding is referenced by its measurements;
 * per finding, a measurement group: TID 1501 (image-level: classification, one group per label for the
   series, present if any image is, with the highest probability and each positive image's probability
   inferred from that image) or TID 1411 (volumetric: segmentation, referencing the SEG
@@ -191,7 +194,7 @@ def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[st
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURES.get(modality, IMAGING_PROCEDURE),
-        imaging_measurements=groups, referenced_images=evidence)
+        imaging_measurements=groups)
     return Comprehensive3DSR(
         evidence=[*evidence, *extra_evidence], content=report[0], series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
         sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer="edged",

@@ -517,6 +517,14 @@ class Journal:
                 "SELECT sop_instance_uid, path FROM instances WHERE series_instance_uid = ? AND state != 'missing'"
                 " ORDER BY id", (series_uid,))]
 
+    def series_instances(self, series_uid: str) -> list[tuple[str, str, str, str]]:
+        """(SOP Instance UID, SOP Class UID, Study Instance UID, spool path) of every instance of a series on
+        file, in arrival order: what a report's evidence needs, without reading the files."""
+        with self._lock:
+            return [(r[0], r[1], r[2], r[3]) for r in self._c().execute(
+                "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, path FROM instances"
+                " WHERE series_instance_uid = ? AND state != 'missing' ORDER BY id", (series_uid,))]
+
     def instance_path(self, sop_instance_uid: str) -> str | None:
         with self._lock:
             row = self._c().execute("SELECT path FROM instances WHERE sop_instance_uid = ?",

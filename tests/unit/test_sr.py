@@ -34,8 +34,9 @@ def test_one_group_per_label_with_each_positive_image(tmp_path: Path) -> None:
     assert values == [0.7, 0.9, 0.9]  # the highest, then each positive image's own
     positive = {str(evidence[i].SOPInstanceUID) for i in (1, 3)}
     assert {str(s.referenced_sop_instance_uid) for s in group.source_images} == positive
-    (library,) = [i for i in parsed.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
-    assert {str(ds.SOPInstanceUID) for ds in evidence} <= set(_referenced(library))  # TID 1600 Image Library
+    listed = {str(r.ReferencedSOPInstanceUID) for study in parsed.CurrentRequestedProcedureEvidenceSequence
+              for series in study.ReferencedSeriesSequence for r in series.ReferencedSOPSequence}
+    assert {str(ds.SOPInstanceUID) for ds in evidence} <= listed  # every source image is evidence
     assert sr.SeriesDescription == "edged ct-nodule-cls 1.0.0" and sr.VerificationFlag == "UNVERIFIED"
 
 
