@@ -168,7 +168,8 @@ class Pipeline:
         self.models = models
         self.destinations = list(destinations or [])
         self.on_results = on_results
-        self.reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reports")
+        # two report workers: a long SEG report does not hold back another model's SR on the same series
+        self.reports = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reports")
         self.reports_in_flight = 0
         self._reports_lock = threading.Lock()
         self.journal = journal
@@ -180,6 +181,7 @@ class Pipeline:
         self.token = uuid.uuid4().hex
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._next_housekeeping = 0.0
         self._results: queue.Queue[tuple[JobResult, list[str]] | None] = queue.Queue()
         self._control = threading.Thread(target=self._control_loop, name="pipeline-control", daemon=True)
         self._writer = threading.Thread(target=self._writer_loop, name="pipeline-writer", daemon=True)
@@ -234,12 +236,17 @@ class Pipeline:
             self._wake.clear()
 
     def _tick(self) -> None:
-        for uid, created in self.journal.complete_series(self.cfg.series_quiet_seconds):
-            if created:
-                logs.event(log, logging.INFO, "series.complete", jobs=created)
-        expired = self.journal.recover_jobs()
-        if expired:
-            logs.event(log, logging.WARNING, "jobs.lease_expired", count=expired)
+        # Series completion and lease expiry are clocks: check them every poll_seconds, not on every wake
+        # (the listener wakes the loop once per stored instance); claiming runs on every wake.
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + self.cfg.poll_seconds
+            for uid, created in self.journal.complete_series(self.cfg.series_quiet_seconds):
+                if created:
+                    logs.event(log, logging.INFO, "series.complete", jobs=created)
+            expired = self.journal.recover_jobs()
+            if expired:
+                logs.event(log, logging.WARNING, "jobs.lease_expired", count=expired)
         for name, lane in self.lanes.items():
             room = lane.capacity()
             if room == 0:
