@@ -42,6 +42,7 @@ from edged.audit import AuditLog
 from edged.config import DicomConfig
 from edged.dicom import status
 from edged.dicom.contexts import SharedContexts
+from edged.dicom.guard import Guard, Limits
 from edged.dicom.server import ListeningServer, start_server
 from edged.dicom.header import HeaderError, read_header
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
@@ -347,6 +348,8 @@ class Listener:
             self._server = start_server(
                 self.ae, (self.cfg.host, self.cfg.port), evt_handlers=handlers, ssl_context=_tls_context(self.cfg),
                 contexts=SharedContexts(self.ae.supported_contexts), handshake_timeout=self.cfg.acse_timeout,
+                guard=Guard(Limits(self.cfg.max_pdu, self.cfg.max_message_bytes, self.cfg.network_timeout),
+                            self.handler.metrics),
             )
         except OSError as exc:
             raise EdgedError(
