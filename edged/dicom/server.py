@@ -35,6 +35,7 @@ log = logging.getLogger("edged.scp")
 
 class ListeningServer(ThreadedAssociationServer):
     handshake_timeout: float = 30.0
+    request_queue_size = 128  # listen backlog (socketserver's default, 5, drops SYNs when many senders start at once)
     guard: Guard | None = None  # installed on every association by GuardedRequestHandler
 
     def get_request(self) -> tuple[socket.socket, Any]:
