@@ -117,7 +117,8 @@ class Guard:
     def violation(self, assoc: "Association", reason: str, **fields: Any) -> None:
         if self.metrics is not None:
             self.metrics.protocol_violations.labels(reason).inc()
-        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        info = assoc.requestor.address_info
+        peer = f"{info.address}:{info.port}" if info is not None else "-"
         logs.event(log, logging.WARNING, "protocol.violation", reason=reason, peer=peer, **fields)
 
 
