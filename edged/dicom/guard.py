@@ -154,13 +154,17 @@ class GuardedDUL(DULServiceProvider):
         limits = self._guard.limits
         deadline = time.monotonic() + limits.pdu_seconds
         try:
-            head = self._recv_exact(6, deadline)
+            head = bytearray(6)
+            self._recv_into(memoryview(head), deadline)
             pdu_type, _, length = struct.unpack(">BBL", head)
             problem = limits.pdu_problem(self.state_machine.current_state, pdu_type, length)
             if problem is not None:
                 self._trip(problem, pdu_type=f"0x{pdu_type:02X}", length=length)
                 return
-            body = self._recv_exact(length, deadline)
+            data = bytearray(6 + length)  # the whole PDU: its body is read in place after the header
+            data[:6] = head
+            with memoryview(data) as view:
+                self._recv_into(view[6:], deadline)
         except _Closed:
             self.event_queue.put("Evt17")  # transport connection closed
             return
@@ -169,12 +173,12 @@ class GuardedDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
         if pdu_type == _P_DATA_TF:
-            problem = self._count_fragments(body)
+            problem = self._count_fragments(data, 6)
             if problem is not None:
                 self._trip(problem, max_message_bytes=limits.max_message_bytes)
                 return
         try:
-            pdu, event = self._decode_pdu(bytearray(head) + body)
+            pdu, event = self._decode_pdu(data)
         except Exception as exc:  # e.g. an all-space AE title; pynetdicom's answer too: "invalid PDU"
             self._trip("invalid_pdu", pdu_type=f"0x{pdu_type:02X}", error=type(exc).__name__,
                        detail=str(exc)[:120])
@@ -209,14 +213,13 @@ class GuardedDUL(DULServiceProvider):
         self._tripped = True
         self.event_queue.put("Evt19")  # unrecognised or invalid PDU: the state machine sends A-ABORT
 
-    def _recv_exact(self, n: int, deadline: float) -> bytearray:
+    def _recv_into(self, view: memoryview, deadline: float) -> None:
+        """Fill ``view`` from the socket by ``deadline``."""
         assert self.socket is not None
         sock = self.socket.socket
         if sock is None:
             raise _Closed
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
+        n, got = len(view), 0
         try:
             while got < n:
                 remaining = deadline - time.monotonic()
@@ -232,17 +235,15 @@ class GuardedDUL(DULServiceProvider):
         except (OSError, ValueError):
             raise _Closed from None
         finally:
-            view.release()
             try:
                 sock.settimeout(None)
             except OSError:
                 pass
-        return buf
 
-    def _count_fragments(self, body: bytearray) -> str | None:
-        """Add this P-DATA-TF's fragments to the command and data set being assembled."""
+    def _count_fragments(self, body: bytearray, pos: int = 0) -> str | None:
+        """Add the fragments of the P-DATA-TF items in ``body[pos:]`` to the command and data set being
+        assembled."""
         limit = self._guard.limits.max_message_bytes
-        pos = 0
         while pos + 6 <= len(body):
             (item_length,) = struct.unpack_from(">L", body, pos)
             if item_length < 2 or pos + 4 + item_length > len(body):
