@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import pynetdicom
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.transport import RequestHandler
 
 from edged import logs
@@ -69,6 +70,7 @@ _MAX_OTHER_PDU = 1024  # A-RELEASE-RQ/RP and A-ABORT are 4 bytes long
 _ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA_TF = 1, 2, 3, 4
 _KNOWN_TYPES = frozenset(range(1, 8))
 _READ_CHUNK = 1 << 20
+_POLL_SECONDS = 0.25  # while a PDU is incomplete, how often to check for a local abort
 
 #: Fixed label values of ``edged_protocol_violations_total``.
 VIOLATIONS = ("pdu_too_long", "message_too_long", "unknown_pdu", "unexpected_pdu", "invalid_pdu", "slow_pdu")
@@ -214,7 +216,8 @@ class GuardedDUL(DULServiceProvider):
         self.event_queue.put("Evt19")  # unrecognised or invalid PDU: the state machine sends A-ABORT
 
     def _recv_into(self, view: memoryview, deadline: float) -> None:
-        """Fill ``view`` from the socket by ``deadline``."""
+        """Fill ``view`` from the socket by ``deadline``; give up early if the association is being aborted
+        here (stock pynetdicom would sit in ``recv`` and never send that A-ABORT)."""
         assert self.socket is not None
         sock = self.socket.socket
         if sock is None:
@@ -225,20 +228,31 @@ class GuardedDUL(DULServiceProvider):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise _TooSlow
-                sock.settimeout(remaining)
-                k = sock.recv_into(view[got:], min(n - got, _READ_CHUNK))
+                if self._aborting():
+                    raise _Closed
+                sock.settimeout(min(remaining, _POLL_SECONDS))
+                try:
+                    k = sock.recv_into(view[got:], min(n - got, _READ_CHUNK))
+                except (socket.timeout, TimeoutError):
+                    continue
                 if k == 0:
                     raise _Closed
                 got += k
-        except (socket.timeout, TimeoutError):
-            raise _TooSlow from None
-        except (OSError, ValueError):
+        except OSError:
+            raise _Closed from None
+        except ValueError:  # the socket was closed under us
             raise _Closed from None
         finally:
             try:
                 sock.settimeout(None)
             except OSError:
                 pass
+
+    def _aborting(self) -> bool:
+        if self._kill_thread:
+            return True
+        pending = list(self.to_provider_queue.queue)
+        return any(isinstance(p, (A_ABORT, A_P_ABORT)) for p in pending)
 
     def _count_fragments(self, body: bytearray, pos: int = 0) -> str | None:
         """Add the fragments of the P-DATA-TF items in ``body[pos:]`` to the command and data set being

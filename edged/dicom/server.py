@@ -36,6 +36,10 @@ log = logging.getLogger("edged.scp")
 class ListeningServer(ThreadedAssociationServer):
     handshake_timeout: float = 30.0
     request_queue_size = 128  # listen backlog (socketserver's default, 5, drops SYNs when many senders start at once)
+    # Connection threads may wait up to handshake_timeout for a silent client: closing the listener must
+    # not join them (shutdown would wait that long), nor may they keep the process alive at exit.
+    daemon_threads = True
+    block_on_close = False
     guard: Guard | None = None  # installed on every association by GuardedRequestHandler
 
     def get_request(self) -> tuple[socket.socket, Any]:

@@ -285,3 +285,16 @@ def test_half_sent_pdu_is_dropped_after_the_network_timeout(target: EdgedProcess
         window = (t0, time.monotonic())
     honest.check(window)
     assert metric(target, "edged_protocol_violations_total", reason="slow_pdu") - violations == len(slow)
+
+
+def test_silent_client_does_not_hold_up_shutdown(edged_factory, tmp_path: Path) -> None:
+    """SIGTERM with a silent client and one that sent half a PDU header connected: the daemon stops within
+    its shutdown timeout, not after acse_timeout (300 s here) or never (stock pynetdicom's reader has no
+    timeout, and the abort waits on it)."""
+    (tmp_path / "no-engines").mkdir()
+    edged = edged_factory(dicom={"acse_timeout": 300.0}, daemon={"shutdown_timeout": 5.0},
+                          engines={"dir": str(tmp_path / "no-engines")}).start()
+    with R.connect(edged.port), R.connect(edged.port) as half:
+        half.sendall(R.header(R.ASSOCIATE_RQ, 100)[:3])
+        time.sleep(0.2)
+        assert edged.stop(timeout=20) == 0
