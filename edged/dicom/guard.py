@@ -7,15 +7,21 @@ So one unauthenticated connection can announce a 4 GiB PDU and stream it into me
 without end, or send half a header and hold a thread and an association slot for as long as it likes.
 
 :class:`GuardedDUL` replaces that one reader method. Before reading a PDU's body it checks the type and
-length against the state of the association; while reading it enforces a deadline for the whole PDU; for a
-P-DATA-TF it counts the bytes of the command and the data set being assembled. A violation is logged and
-counted (``edged_protocol_violations_total{reason}``), the peer gets an A-ABORT through pynetdicom's own
-state machine (an "invalid PDU" event), and the connection is closed without reading the rest.
+length against the state of the association; while reading it enforces a deadline for the whole PDU (and
+gives up at once if the association is being aborted locally); for a P-DATA-TF it counts the bytes of the
+command and the data set being assembled. A violation is logged and counted
+(``edged_protocol_violations_total{reason}``), the peer gets an A-ABORT through pynetdicom's own state
+machine (an "invalid PDU" event), and the connection is closed without reading the rest. It also
+overrides ``receive_pdu`` so that an acceptor waiting for its A-ASSOCIATE-RQ stops waiting when the
+connection is gone, which frees its slot of ``max_associations`` at once instead of after ``acse_timeout``.
+
+:meth:`Guard.install` swaps the class of the DUL pynetdicom has just built for an association (before its
+thread starts), so every queue, timer and the state machine stay as pynetdicom made them.
 
 Limits:
 
 * A-ASSOCIATE-RQ, and any PDU before the association is established: :data:`MAX_ASSOCIATE_RQ` bytes
-  (128 presentation contexts with a dozen transfer syntaxes each fit in under 40 KiB).
+  (128 presentation contexts with ten transfer syntaxes each fit in under 40 KiB).
 * P-DATA-TF: the maximum PDU length edged announced plus :data:`P_DATA_SLACK` (senders disagree on
   whether the PDV item headers count); with no announced maximum (0), the message limit plus slack.
 * One DIMSE data set assembled from fragments: ``dicom.max_message_bytes``; one command set:
