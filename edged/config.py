@@ -88,6 +88,8 @@ class DicomConfig:
     allowed_calling_aes: list[str] = field(default_factory=list, metadata=meta(_ae_list))
     max_associations: int = field(default=16, metadata=meta(in_range(1, 1000)))
     max_pdu: int = field(default=262144, metadata=meta(in_range(0, 2**32 - 1)))
+    #: Largest data set one C-STORE may carry (bytes); beyond it the association is aborted (edged.dicom.guard).
+    max_message_bytes: int = field(default=1 << 30, metadata=meta(in_range(1 << 20, 1 << 40)))
     acse_timeout: float = field(default=30.0, metadata=meta(in_range(0.1, 3600)))
     dimse_timeout: float = field(default=60.0, metadata=meta(in_range(0.1, 3600)))
     network_timeout: float = field(default=60.0, metadata=meta(in_range(0.1, 3600)))

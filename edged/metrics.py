@@ -113,6 +113,11 @@ class Metrics:
             "edged_instances_received_total",
             "C-STORE requests answered, by status (success, duplicate, out_of_resources, ...).", ["status"],
             registry=r)
+        self.protocol_violations = Counter(
+            "edged_protocol_violations_total",
+            "Associations aborted for breaking the DICOM upper layer protocol or edged's bounds, by reason"
+            " (pdu_too_long, message_too_long, unknown_pdu, unexpected_pdu, invalid_pdu, slow_pdu).", ["reason"],
+            registry=r)
         self.bytes_received = Counter("edged_received_bytes_total", "Bytes of datasets stored in the spool.",
                                       registry=r)
         self.store_seconds = Histogram(

@@ -42,6 +42,7 @@ from edged.audit import AuditLog
 from edged.config import DicomConfig
 from edged.dicom import status
 from edged.dicom.contexts import SharedContexts
+from edged.dicom.guard import Guard, Limits
 from edged.dicom.server import ListeningServer, start_server
 from edged.dicom.header import HeaderError, read_header
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
@@ -133,19 +134,18 @@ class StoreHandler:
                    peer=self._peer(event.assoc), calling_ae=event.assoc.requestor.ae_title,
                    called_ae=event.assoc.acceptor.ae_title)
 
+    #: (result source, diagnostic) of the A-ASSOCIATE-RJ pynetdicom sent -> reason label (PS3.8 9.3.4).
+    _REJECT_REASONS = {(1, 3): "calling_ae", (1, 7): "called_ae", (3, 1): "busy", (3, 2): "busy"}
+
     def on_rejected(self, event: evt.Event) -> None:
+        # The label comes from the rejection actually sent, not from recounting: pynetdicom's busy check
+        # wins over an AE title mismatch, and by now another association may have ended.
         assoc = event.assoc
         calling = assoc.requestor.ae_title
         called = assoc.requestor.primitive.called_ae_title if assoc.requestor.primitive else ""
-        allowed = self.cfg.allowed_calling_aes
-        if allowed and calling not in [a.strip() for a in allowed]:
-            reason = "calling_ae"
-        elif called != self.cfg.ae_title.strip():
-            reason = "called_ae"
-        elif len([a for a in assoc.ae.active_associations if a.is_acceptor]) > assoc.ae.maximum_associations:
-            reason = "busy"
-        else:
-            reason = "other"
+        sent = assoc.acceptor.primitive
+        key = (sent.result_source, sent.diagnostic) if sent is not None else None
+        reason = self._REJECT_REASONS.get(key, "other") if key is not None else "other"
         self.metrics.associations.labels(f"rejected:{reason}").inc()
         logs.event(log, logging.WARNING, "association.rejected", reason=reason, peer=self._peer(assoc),
                    calling_ae=calling, called_ae=called)
@@ -347,6 +347,8 @@ class Listener:
             self._server = start_server(
                 self.ae, (self.cfg.host, self.cfg.port), evt_handlers=handlers, ssl_context=_tls_context(self.cfg),
                 contexts=SharedContexts(self.ae.supported_contexts), handshake_timeout=self.cfg.acse_timeout,
+                guard=Guard(Limits(self.cfg.max_pdu, self.cfg.max_message_bytes, self.cfg.network_timeout),
+                            self.handler.metrics),
             )
         except OSError as exc:
             raise EdgedError(

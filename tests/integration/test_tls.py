@@ -61,16 +61,28 @@ def test_client_without_certificate_fails(tls_edged: EdgedProcess, pki: Path, ct
     assert ok.returncode == 0, ok.stderr
 
 
-def test_silent_client_does_not_stall_other_senders(tls_edged: EdgedProcess, pki: Path) -> None:
-    """A client that connects and never starts its TLS handshake must not block the accept loop
-    (pynetdicom handshakes inside it; edged handshakes in the connection's own thread)."""
+def test_silent_clients_do_not_stall_other_senders(tls_edged: EdgedProcess, pki: Path, ct_series: list[Path]) -> None:
+    """More silent clients than max_associations (16), some that never start their TLS handshake
+    (pynetdicom handshakes inside its accept loop; edged in the connection's own thread) and some that
+    finish it and then say nothing (pynetdicom makes an association of each at once, edged only once the
+    client speaks): honest senders are accepted and served meanwhile."""
     import socket
+    import ssl
 
-    silent = socket.create_connection(("127.0.0.1", tls_edged.port))
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    silent = [socket.create_connection(("127.0.0.1", tls_edged.port)) for _ in range(10)]
+    silent += [ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_edged.port)), server_hostname="127.0.0.1")
+               for _ in range(17)]
     try:
-        ok = run([require_tool("echoscu"), "-to", "10", "-ta", "10", "+tls", str(pki / "client.key"),
-                  str(pki / "client.crt"), "+cf", str(pki / "ca.crt"), "-aec", "EDGED", "127.0.0.1",
+        tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+        ok = run([require_tool("echoscu"), "-to", "10", "-ta", "10", *tls, "-aec", "EDGED", "127.0.0.1",
                   str(tls_edged.port)], timeout=60)
         assert ok.returncode == 0, ok.stderr
+        stored = run([require_tool("storescu"), "-to", "10", "-ta", "10", *tls, "-aec", "EDGED", "127.0.0.1",
+                      str(tls_edged.port), *map(str, ct_series[:5])], timeout=60)
+        assert stored.returncode == 0, stored.stderr
+        assert len(tls_edged.rows()) == 5
     finally:
-        silent.close()
+        for s in silent:
+            s.close()
