@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Callable
 
 import numpy as np
@@ -122,8 +124,9 @@ class TritonEngine(Engine):
         self._closing = threading.Event()
         self._verified = False
         self._state_lock = threading.Lock()
-        self._health_lock = threading.Lock()
-        self._health_client: Any = None
+        # Health probes run on one thread of their own: the HTTP client (gevent) must stay on the thread
+        # that made it, and /readyz asks from a new thread each time.
+        self._health: ThreadPoolExecutor | None = None
         self._mod: Any = None
 
     # -- clients and checks -------------------------------------------------------------------------
@@ -150,12 +153,14 @@ class TritonEngine(Engine):
 
     def _probe(self, client: Any) -> str | None:
         """None when the server is live and the model ready; else why not. Raises EngineError on a mismatch."""
+        # gRPC calls take a deadline; the HTTP client has its connection and network timeouts.
+        quick = {"client_timeout": min(5.0, self.cfg.request_timeout)} if self.cfg.protocol == "grpc" else {}
         try:
-            if not client.is_server_live():
+            if not client.is_server_live(**quick):
                 return "server not live"
-            if not client.is_model_ready(self.served, self.served_version):
+            if not client.is_model_ready(self.served, self.served_version, **quick):
                 return f"model {self.served!r} not ready"
-            kwargs = {"as_json": True} if self.cfg.protocol == "grpc" else {}
+            kwargs = {"as_json": True, **quick} if self.cfg.protocol == "grpc" else {}
             metadata = client.get_model_metadata(self.served, self.served_version, **kwargs)
             config = client.get_model_config(self.served, self.served_version, **kwargs)
         except Exception as exc:  # connection refused, timeouts, NOT_FOUND ...: all mean "not now"
@@ -172,13 +177,18 @@ class TritonEngine(Engine):
 
     def health(self) -> str | None:
         """For /readyz: None when the model can take requests now."""
-        with self._health_lock:
-            if self._health_client is None:
-                self._health_client = self._factory(self.cfg)
+        def probe() -> str | None:
             try:
-                problem = self._probe(self._health_client)
+                return self._probe(self._client())
             except EngineError as exc:
-                problem = f"mismatch: {exc}"
+                return f"mismatch: {exc}"
+
+        if self._health is None:
+            return "inactive"
+        try:
+            problem = self._health.submit(probe).result(timeout=self.cfg.request_timeout + 5)
+        except FuturesTimeout:
+            problem = "health check timed out"
         self._set_available(problem is None, problem)
         return None if problem is None else f"triton {self.served}: {problem}"
 
@@ -189,6 +199,7 @@ class TritonEngine(Engine):
             return
         self._mod = load_client(self.cfg.protocol)
         self._closing.clear()
+        self._health = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"triton-health-{self.name}")
         problem = self._probe(self._client())  # EngineError (mismatch) propagates: edged does not start
         self.active = True
         self._set_available(problem is None, problem)
@@ -248,6 +259,8 @@ class TritonEngine(Engine):
 
     def deactivate(self) -> None:
         self._closing.set()
+        if self._health is not None:
+            self._health.shutdown(wait=False, cancel_futures=True)
         self.active = False
 
 
