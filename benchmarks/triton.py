@@ -12,7 +12,9 @@
 
 Every process runs on this machine's cores (Triton, both daemons, storescu): on a 2-core box the figure
 says what sharing costs and how batching across daemons behaves, not what a GPU server would give.
-Reports (SR/SEG) are built after findings and are not counted.
+Reports (SR/SEG) are built after findings and are not counted. The clock includes the 5 s of quiet after
+which a series is complete (its series job then runs). On a machine shared with other work, two daemons
+get a larger share of the contended cores than one: note the load average the script prints.
 
 Run:  .venv/bin/python benchmarks/triton.py [--slices 120] [--series-size 40] [--json FILE]
 """
@@ -112,7 +114,7 @@ class Edged(Proc):
         self.storage = workdir / "data"
         text = (f'[dicom]\nhost = "127.0.0.1"\nport = 0\nmax_pdu = 131072\n[http]\nhost = "127.0.0.1"\nport = 0\n'
                 f'[storage]\ndir = "{self.storage}"\nmin_free_bytes = 0\n'
-                f'[pipeline]\nseries_quiet_seconds = 2.0\npoll_seconds = 0.05\n'
+                f'[pipeline]\nseries_quiet_seconds = 5.0\npoll_seconds = 0.05\n'
                 f'[engines]\nbackend = "{engines}"\n')
         if triton_url:
             text += f'[triton]\nurl = "{triton_url}"\nmax_in_flight = 2\n'
@@ -199,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="edged-triton-bench-"))
+    load0 = os.getloadavg()[0]
     procs: list[Proc] = []
     try:
         series = write_series(work / "ct", args.slices, args.series_size)
@@ -224,13 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     local_rate = runs[0].findings_per_s
     both = runs[-1].findings_per_s
-    print(f"{args.slices} slices in {len(series)} series, pushed to each daemon; {os.cpu_count()} CPU cores")
+    print(f"{args.slices} slices in {len(series)} series, pushed to each daemon; {os.cpu_count()} CPU cores; "
+          f"load average at start {load0:.1f}, at end {os.getloadavg()[0]:.1f} (other work on the machine skews both)")
     print(f"{'run':<24} {'findings':>9} {'seconds':>9} {'findings/s':>11}")
     for r in runs:
         print(f"{r.name:<24} {r.findings:>9} {r.seconds:>9.1f} {r.findings_per_s:>11.2f}")
     print(f"ratio (two daemons on Triton, together / one local ONNX Runtime): {both / local_rate:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"slices": args.slices, "series": len(series), "cpus": os.cpu_count(),
+                                         "load_average_start": load0, "load_average_end": os.getloadavg()[0],
                                          "runs": [asdict(r) for r in runs], "ratio": both / local_rate}, indent=2))
     return 0
 

@@ -20,6 +20,7 @@ from types import FrameType
 from edged import logs, sdnotify
 from edged.audit import AuditLog
 from edged.config import Config
+from edged.errors import ConfigError
 from edged.dicom.scp import Listener, StoreHandler
 from edged.http import HttpServer
 from edged.inference.base import Engine
@@ -145,6 +146,13 @@ class Daemon:
             logs.event(log, logging.WARNING, "engines.none", dir=str(engines_cfg.dir))
             return
         backend, reason, plans = resolve_backend(engines_cfg.backend)
+        if backend == "triton":
+            known = Repository(engines_cfg.dir).names()
+            for i, m in enumerate(self.cfg.triton.models):
+                if m.model not in known:
+                    raise ConfigError(f"triton.models[{i}].model", f"no such model {m.model!r} in {engines_cfg.dir}",
+                                      self.cfg.source)
+            reason = f"{self.cfg.triton.protocol}://{self.cfg.triton.url}"
         logs.event(log, logging.INFO, "engines.backend", backend=backend, reason=reason)
         cache = ArtifactCache(engines_cfg.cache(self.cfg.storage.dir))
         try:
