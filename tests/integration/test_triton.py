@@ -22,6 +22,7 @@ from support import PIPELINE, EdgedProcess, findings, jobs, run, storescu, wait_
 from tritonserver import TritonServer
 
 from edged.config import TritonConfig
+from edged.inference.onnxruntime import OnnxRuntimeEngine
 from edged.inference.repository import Repository
 from edged.inference.triton import TritonEngine
 
@@ -77,9 +78,8 @@ def _by_job_key(edged: EdgedProcess) -> dict[tuple, list[tuple]]:
     return out
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_findings_through_triton_equal_local_onnxruntime(edged_factory, triton: TritonServer, tmp_path: Path,
-                                                         protocol: str) -> None:
+def test_findings_through_triton_equal_local_onnxruntime(edged_factory, triton: TritonServer, tmp_path: Path) -> None:
+    protocol = "grpc"
     files = write_series(tmp_path / "ct", 10, seed=21)
     remote = _triton_edged(edged_factory, triton, f"triton-{protocol}", protocol).start()
     local = edged_factory(f"local-{protocol}", pipeline=QUIET, engines={"backend": "onnxruntime"}).start()
@@ -106,6 +106,25 @@ def test_findings_through_triton_equal_local_onnxruntime(edged_factory, triton: 
     ready = urllib.request.urlopen(f"http://127.0.0.1:{remote.http_port}/readyz", timeout=10)
     assert ready.status == 200
     assert "engine ct-nodule-cls: triton available" in _status(remote)
+
+
+def test_http_protocol_gives_the_local_outputs(triton: TritonServer) -> None:
+    models = Repository(REPO / "engines").load()
+    rng = np.random.default_rng(9)
+    for name, spec in models.items():
+        x = rng.random((5, *spec.input.shape[1:]), dtype=np.float32)
+        remote = TritonEngine(spec, TritonConfig(url=triton.http_url, protocol="http"))
+        remote.activate()
+        try:
+            assert remote.health() is None and remote.available
+            got = remote.infer(x)
+        finally:
+            remote.deactivate()
+        with OnnxRuntimeEngine(spec) as local:
+            want = local.infer(x)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], atol=1e-5)
 
 
 def test_concurrent_requests_are_batched_by_triton(triton: TritonServer) -> None:
