@@ -208,6 +208,10 @@ class TritonEngine(Engine):
                        note="jobs wait until the server and model are ready")
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.active and batch.ndim and batch.shape[0] > self.max_batch:
+            # the server's max_batch_size, learnt after the batcher was sized (it was away at start)
+            parts = [self.infer(batch[i : i + self.max_batch]) for i in range(0, batch.shape[0], self.max_batch)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         x = self.check_batch(batch)
         delay = 0.25
         while True:
