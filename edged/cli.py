@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -122,6 +123,12 @@ def _add_engines_parser(sub: Any) -> None:
     pn.add_argument("--seconds", type=float, default=5.0, help="seconds per batch size (default 5)")
     pn.add_argument("--precision", choices=PRECISIONS, help="override model.toml's precision")
     pn.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    px = esub.add_parser("export-triton", help="write a Triton model repository of the models",
+                         description="DIR/<model>/config.pbtxt and DIR/<model>/<version>/model.onnx (model.plan "
+                                     "where a TensorRT plan was built), named as [triton] maps them.")
+    _add_config_arg(px)
+    px.add_argument("dir", type=Path, metavar="DIR")
+    px.add_argument("models", nargs="*", metavar="MODEL", help="models to export (default: all)")
 
 
 def _load(path: Path | None) -> config_mod.Config:
@@ -151,8 +158,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     counts = read_counts(cfg.storage.dir)
+    engines = _engine_states(cfg.storage.dir)
     if args.json:
-        print(json.dumps(counts, sort_keys=True))
+        print(json.dumps({**counts, "engines": engines}, sort_keys=True))
         return EXIT_OK
     print(f"storage: {cfg.storage.dir}")
     for group in ("instances", "jobs", "deliveries"):
@@ -164,7 +172,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {model}: {detail}")
     oldest = counts["oldest_pending_job_seconds"]
     print("oldest pending job: " + ("none" if oldest is None else f"{oldest:.0f} s"))
+    for model, st in sorted(engines.items()):
+        if st.get("available"):
+            print(f"engine {model}: {st.get('backend')} available")
+        else:
+            since = max(0.0, time.time() - float(st.get("since") or time.time()))
+            print(f"engine {model}: {st.get('backend')} UNAVAILABLE for {since:.0f} s ({st.get('reason')});"
+                  " its jobs wait")
     return EXIT_OK
+
+
+def _engine_states(storage: Path) -> dict[str, Any]:
+    """The running daemon's engines.json (see Daemon), or {} when no daemon runs."""
+    import os
+
+    try:
+        data = json.loads((storage / "engines.json").read_text())
+        os.kill(int(data["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    engines = data.get("engines")
+    return engines if isinstance(engines, dict) else {}
 
 
 def cmd_echo(args: argparse.Namespace) -> int:

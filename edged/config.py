@@ -116,7 +116,7 @@ class EnginesConfig:
     """``[engines]``: the model repository and how models run."""
 
     dir: Path = field(default_factory=_default_engines_dir, metadata=meta(path=True))
-    backend: str = field(default="auto", metadata=meta(one_of("auto", "tensorrt", "onnxruntime")))
+    backend: str = field(default="auto", metadata=meta(one_of("auto", "tensorrt", "onnxruntime", "triton")))
     models: list[str] = field(default_factory=list)
     cache_dir: Path | None = field(default=None, metadata=meta(path=True))
     intra_op_threads: int = field(default=0, metadata=meta(in_range(0, 256)))
@@ -125,6 +125,68 @@ class EnginesConfig:
     def cache(self, storage_dir: Path) -> Path:
         """Built plans and converted ONNX: ``cache_dir``, else ``<storage dir>/engines``."""
         return self.cache_dir if self.cache_dir is not None else storage_dir / "engines"
+
+
+def _triton_url(value: Any) -> str | None:
+    host, sep, port = str(value).rpartition(":")
+    if "://" in str(value):
+        return "must be HOST:PORT without a scheme (set protocol and [triton.tls] instead)"
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"must be HOST:PORT, got {value!r}"
+    return None
+
+
+def _triton_version(value: Any) -> str | None:
+    return None if value == "" or (value.isdigit() and int(value) > 0) else "must be a positive integer, as a string"
+
+
+@dataclass(frozen=True)
+class TritonTlsConfig:
+    """``[triton.tls]``: TLS to the Triton server. ``ca`` verifies the server; ``cert``/``key`` identify edged."""
+
+    enabled: bool = False
+    ca: Path | None = field(default=None, metadata=meta(path=True, must_exist=True))
+    cert: Path | None = field(default=None, metadata=meta(path=True, must_exist=True))
+    key: Path | None = field(default=None, metadata=meta(path=True, must_exist=True))
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """``[[triton.models]]``: the name (and version) an edged model has on the Triton server."""
+
+    model: str = field(metadata=meta(non_empty))
+    name: str | None = field(default=None, metadata=meta(non_empty))
+    version: str | None = field(default=None, metadata=meta(_triton_version))
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """``[triton]``: the Triton Inference Server used when ``[engines] backend = "triton"``.
+
+    A model not listed in ``models`` is served under its model.toml name, at the version given by the
+    leading number of its model.toml version ("1.0.0" -> 1).
+    """
+
+    url: str = field(default="127.0.0.1:8001", metadata=meta(_triton_url))
+    protocol: str = field(default="grpc", metadata=meta(one_of("grpc", "http")))
+    request_timeout: float = field(default=60.0, metadata=meta(in_range(0.1, 3600)))
+    max_in_flight: int = field(default=2, metadata=meta(in_range(1, 64)))
+    retry_max_seconds: float = field(default=30.0, metadata=meta(in_range(0.1, 3600)))
+    tls: TritonTlsConfig = field(default_factory=TritonTlsConfig)
+    models: list[TritonModel] = field(default_factory=list)
+
+    def mapping(self, model: str, model_version: str) -> tuple[str, str]:
+        """(Triton model name, Triton version) for an edged model."""
+        for m in self.models:
+            if m.model == model:
+                return m.name or model, m.version if m.version is not None else default_triton_version(model_version)
+        return model, default_triton_version(model_version)
+
+
+def default_triton_version(model_version: str) -> str:
+    """Triton versions are integers: model.toml's version if it is one, else its leading number, else ""."""
+    head = model_version.split(".")[0]
+    return head if head.isdigit() and int(head) > 0 else ""
 
 
 @dataclass(frozen=True)
@@ -192,6 +254,7 @@ class Config:
     dicom: DicomConfig = field(default_factory=DicomConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
+    triton: TritonConfig = field(default_factory=TritonConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     destinations: list[Destination] = field(default_factory=list)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
@@ -214,6 +277,17 @@ def _validate_cross(cfg: Config) -> None:
             raise ConfigError(f"destinations[{i}].name", f"duplicate destination name {d.name!r}", src)
         if (d.tls.cert is None) != (d.tls.key is None):
             raise ConfigError(f"destinations[{i}].tls", "cert and key must be set together", src)
+    tt = cfg.triton.tls
+    if (tt.cert is None) != (tt.key is None):
+        raise ConfigError("triton.tls.key" if tt.key is None else "triton.tls.cert",
+                          "triton.tls.cert and triton.tls.key must be set together", src)
+    if not tt.enabled and (tt.ca or tt.cert):
+        raise ConfigError("triton.tls.enabled", "must be true when triton.tls.ca, cert or key is set", src)
+    seen: list[str] = []
+    for i, m in enumerate(cfg.triton.models):
+        if m.model in seen:
+            raise ConfigError(f"triton.models[{i}].model", f"{m.model!r} is mapped twice", src)
+        seen.append(m.model)
 
 
 def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
@@ -250,20 +324,22 @@ def to_toml(cfg: Config) -> str:
 
     def section(obj: Any, name: str, header: str) -> None:
         lines.append(header)
-        nested: list[tuple[Any, str]] = []
+        nested: list[tuple[Any, str, str]] = []
         for f in dataclasses.fields(obj):
             if f.metadata.get("internal"):
                 continue
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
-                nested.append((value, f"{name}.{f.name}"))
+                nested.append((value, f"{name}.{f.name}", f"[{name}.{f.name}]"))
+            elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+                nested.extend((item, f"{name}.{f.name}", f"[[{name}.{f.name}]]") for item in value)
             elif value is None:
                 lines.append(f"# {f.name} = (unset)")
             else:
                 lines.append(f"{f.name} = {to_toml_value(value)}")
         lines.append("")
-        for sub, subname in nested:
-            section(sub, subname, f"[{subname}]")
+        for sub, subname, subheader in nested:
+            section(sub, subname, subheader)
 
     for f in dataclasses.fields(cfg):
         if f.metadata.get("internal"):

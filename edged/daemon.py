@@ -9,7 +9,9 @@ A second signal skips the wait.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -18,6 +20,7 @@ from types import FrameType
 from edged import logs, sdnotify
 from edged.audit import AuditLog
 from edged.config import Config
+from edged.errors import ConfigError
 from edged.dicom.scp import Listener, StoreHandler
 from edged.http import HttpServer
 from edged.inference.base import Engine
@@ -31,6 +34,9 @@ from edged.results.outbox import Outbox
 from edged.metrics import Metrics
 from edged.spool.journal import Journal
 from edged.spool.store import MASKS_DIR, RESULTS_DIR, Spool
+
+#: Engines' availability, written by the running daemon for ``edged status`` (in the storage dir).
+ENGINES_STATE = "engines.json"
 
 log = logging.getLogger("edged.daemon")
 
@@ -50,6 +56,8 @@ class Daemon:
         self.http: HttpServer | None = None
         self.outbox: Outbox | None = None
         self.audit: AuditLog | None = None
+        self._engine_state: dict[str, dict] = {}
+        self._engine_state_lock = threading.Lock()
 
     # -- signals ------------------------------------------------------------------------------------
 
@@ -112,7 +120,10 @@ class Daemon:
             idle = [name for name, e in self.engines.items() if not e.active]
             if self.models and len(self.engines) < len(self.models):
                 return "engines starting"
-            return f"inactive: {', '.join(idle)}" if idle else None
+            if idle:
+                return f"inactive: {', '.join(idle)}"
+            problems = [p for p in (e.health() for e in self.engines.values()) if p]
+            return "; ".join(problems) if problems else None
 
         def listener() -> str | None:
             return None if self.listener is not None and self.listener.bound else "listener not bound"
@@ -135,18 +146,57 @@ class Daemon:
             logs.event(log, logging.WARNING, "engines.none", dir=str(engines_cfg.dir))
             return
         backend, reason, plans = resolve_backend(engines_cfg.backend)
+        if backend == "triton":
+            known = Repository(engines_cfg.dir).names()
+            for i, m in enumerate(self.cfg.triton.models):
+                if m.model not in known:
+                    raise ConfigError(f"triton.models[{i}].model", f"no such model {m.model!r} in {engines_cfg.dir}",
+                                      self.cfg.source)
+            reason = f"{self.cfg.triton.protocol}://{self.cfg.triton.url}"
         logs.event(log, logging.INFO, "engines.backend", backend=backend, reason=reason)
         cache = ArtifactCache(engines_cfg.cache(self.cfg.storage.dir))
         try:
             for name, spec in specs.items():
-                engine = start_engine(spec, backend, cache, engines_cfg, plans)
+                engine = start_engine(spec, backend, cache, engines_cfg, plans, triton=self.cfg.triton)
                 self.engines[name] = engine
                 self.metrics.engine_info.labels(name, spec.version, engine.backend, engine.precision).set(1)
+                self._watch_availability(name, engine)
                 logs.event(log, logging.INFO, "engine.active", model=name, version=spec.version,
                            backend=engine.backend, precision=engine.precision, max_batch=engine.max_batch)
         finally:
             if plans is not None:
                 plans.close()
+
+    def _watch_availability(self, name: str, engine: Engine) -> None:
+        """Export an engine's availability (metric, and engines.json for ``edged status``) as it changes."""
+        available = bool(getattr(engine, "available", True))
+        reason = getattr(engine, "unavailable_reason", None)
+
+        def changed(now_available: bool, why: str | None) -> None:
+            self.metrics.engine_available.labels(name, engine.backend).set(1 if now_available else 0)
+            with self._engine_state_lock:
+                self._engine_state[name] = {"backend": engine.backend, "available": now_available,
+                                            "reason": why, "since": time.time()}
+                self._write_engine_state()
+
+        if hasattr(engine, "on_availability"):
+            engine.on_availability = changed  # type: ignore[attr-defined]
+        changed(available, reason)
+
+    def _write_engine_state(self) -> None:
+        path = self.cfg.storage.dir / ENGINES_STATE
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps({"pid": os.getpid(), "engines": self._engine_state}, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            log.warning("could not write %s", path, exc_info=True)
+
+    def check_engines(self) -> None:
+        """Ask remote engines whether they can run now (their availability follows, even with no jobs)."""
+        for engine in self.engines.values():
+            if engine.backend == "triton":
+                engine.health()
 
     def retention(self) -> None:
         """Delete what every destination has (see Journal.purge), once retention has passed."""
@@ -162,6 +212,8 @@ class Daemon:
         interval = sdnotify.watchdog_interval()
         tick = min(0.5, interval) if interval else 0.5
         next_retention = time.monotonic() + 5
+        if any(e.backend == "triton" for e in self.engines.values()):
+            threading.Thread(target=self._health_loop, name="engine-health", daemon=True).start()
         while not self.should_exit.wait(tick):
             if interval:
                 sdnotify.notify("WATCHDOG=1")
@@ -171,6 +223,13 @@ class Daemon:
                     self.retention()
                 except Exception:
                     log.exception("retention sweep failed")
+
+    def _health_loop(self) -> None:
+        while not self.should_exit.wait(2.0):
+            try:
+                self.check_engines()
+            except Exception:
+                log.exception("engine health check failed")
 
     def shutdown(self) -> None:
         logs.event(log, logging.INFO, "shutdown.begin")
@@ -191,6 +250,7 @@ class Daemon:
             self.outbox.stop(timeout=max(1.0, deadline - time.monotonic()))
         for engine in self.engines.values():
             engine.deactivate()
+        (self.cfg.storage.dir / ENGINES_STATE).unlink(missing_ok=True)
         if self.journal is not None:
             self.journal.close()
         if self.audit is not None:

@@ -109,3 +109,10 @@ class EngineBuildError(EngineError):
 
 class BackendUnavailableError(EngineError):
     """The requested backend cannot run here (no tensorrt / pycuda, no GPU)."""
+
+
+class EngineUnavailableError(EngineError):
+    """A remote engine (Triton) cannot be reached or its model is not ready: transient.
+
+    Jobs that meet it wait and run again; it never counts as a job's failed attempt.
+    """

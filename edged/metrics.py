@@ -139,6 +139,10 @@ class Metrics:
             " delivery).", ["model", "stage"], buckets=_LATENCY + (60.0,), registry=r)
         self.engine_info = Gauge("edged_engine_info", "Active engines (value 1), with their model version, backend"
                                  " and precision.", ["model", "version", "backend", "precision"], registry=r)
+        self.engine_available = Gauge(
+            "edged_engine_available", "1 while a model's engine can run batches, 0 while its backend is"
+            " unavailable (Triton unreachable or the model not ready): its jobs wait.", ["model", "backend"],
+            registry=r)
         self.reports = Counter("edged_reports_total", "Report jobs (SR/SEG) finished, by model and result.",
                                ["model", "result"], registry=r)
         # -- delivery

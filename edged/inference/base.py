@@ -29,8 +29,10 @@ class TensorSpec:
 
 
 class Engine(ABC):
-    #: Short fixed name, used in logs and metric labels: "onnxruntime", "tensorrt".
+    #: Short fixed name, used in logs and metric labels: "onnxruntime", "tensorrt", "triton".
     backend: str = ""
+    #: Batches the batcher may have in flight at once (a remote server takes several; local engines one).
+    max_in_flight: int = 1
 
     def __init__(self, spec: ModelSpec, precision: str = "fp32") -> None:
         self.spec = spec
@@ -57,6 +59,10 @@ class Engine(ABC):
             raise EngineError(self.name, f"batch of {batch.shape[0]} outside 1..{self.max_batch}",
                               tensor=self.spec.input.name)
         return np.ascontiguousarray(batch, dtype=self.spec.input.dtype)
+
+    def health(self) -> str | None:
+        """For /readyz: None when the engine can run batches now, else why not (remote engines)."""
+        return None if self.active else "inactive"
 
     @abstractmethod
     def activate(self) -> None: ...

@@ -73,7 +73,7 @@ def cmd_verify(args: argparse.Namespace, cfg: Config, cache: ArtifactCache) -> i
     x = reference_batch(spec, args.batch)
     with OnnxRuntimeEngine(spec, intra_op_threads=cfg.engines.intra_op_threads) as ref:
         expected = run_batches(ref, x)
-    engine = start_engine(spec, backend, cache, cfg.engines, plans, precision=prec)
+    engine = start_engine(spec, backend, cache, cfg.engines, plans, precision=prec, triton=cfg.triton)
     try:
         got = run_batches(engine, x)
     finally:
@@ -96,7 +96,7 @@ def cmd_bench(args: argparse.Namespace, cfg: Config, cache: ArtifactCache) -> in
     too_big = [b for b in args.batch if not 1 <= b <= spec.batching.max_batch]
     if too_big:
         raise EngineError(spec.name, f"batch sizes {too_big} outside 1..max_batch ({spec.batching.max_batch})")
-    engine = start_engine(spec, backend, cache, cfg.engines, plans, precision=prec)
+    engine = start_engine(spec, backend, cache, cfg.engines, plans, precision=prec, triton=cfg.triton)
     try:
         if not args.json:
             _out(f"{spec.name} {spec.version} on {backend} ({reason}), {prec}; {args.seconds:g} s per batch size")
@@ -116,6 +116,15 @@ def cmd_bench(args: argparse.Namespace, cfg: Config, cache: ArtifactCache) -> in
     return EXIT_OK
 
 
+def cmd_export_triton(args: argparse.Namespace, cfg: Config, cache: ArtifactCache) -> int:
+    from edged.inference.export import export_model
+
+    for name, spec in _models(cfg, args.models).items():
+        done = export_model(spec, args.dir, cache, cfg.triton)
+        _out(f"{name}: {done.served} version {done.version}: {done.config} + {done.artifact.name}")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     cache = ArtifactCache(cfg.engines.cache(cfg.storage.dir))
     action = args.engines_command
@@ -127,5 +136,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return cmd_verify(args, cfg, cache)
     if action == "bench":
         return cmd_bench(args, cfg, cache)
+    if action == "export-triton":
+        return cmd_export_triton(args, cfg, cache)
     print(f"unknown action {action}", file=sys.stderr)  # pragma: no cover - argparse prevents it
     return 2

@@ -2,6 +2,7 @@
 
 ``[engines] backend = "auto"`` picks TensorRT when tensorrt, pycuda and a GPU are all present, and ONNX
 Runtime on the CPU otherwise; :func:`resolve_backend` says which and why, for the start-up log.
+``backend = "triton"`` sends every model's batches to the ``[triton]`` server (never chosen by auto).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from edged import logs
-from edged.config import EnginesConfig
+from edged.config import EnginesConfig, TritonConfig
 from edged.errors import BackendUnavailableError, EngineError
 from edged.inference import precision as precision_mod
 from edged.inference.base import Engine
@@ -21,13 +22,15 @@ from edged.inference.tensorrt import PlanDeserializeError, TensorRTEngine
 
 log = logging.getLogger("edged.engines")
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "triton")
 
 
 def resolve_backend(requested: str, gpu_index: int = 0) -> tuple[str, str, PlanBuilder | None]:
     """(backend, reason, plan builder for tensorrt). Raises BackendUnavailableError if tensorrt was required."""
     if requested == "onnxruntime":
         return "onnxruntime", "configured", None
+    if requested == "triton":
+        return "triton", "configured", None
     try:
         plans = PlanBuilder(gpu_index)
     except BackendUnavailableError as exc:
@@ -39,8 +42,15 @@ def resolve_backend(requested: str, gpu_index: int = 0) -> tuple[str, str, PlanB
 
 
 def start_engine(spec: ModelSpec, backend: str, cache: ArtifactCache, cfg: EnginesConfig,
-                 plans: PlanBuilder | None = None, precision: str | None = None) -> Engine:
+                 plans: PlanBuilder | None = None, precision: str | None = None,
+                 triton: TritonConfig | None = None) -> Engine:
     """An activated engine for ``spec`` on ``backend`` (building what is missing or stale)."""
+    if backend == "triton":
+        from edged.inference.triton import TritonEngine
+
+        remote = TritonEngine(spec, triton or TritonConfig())
+        remote.activate()
+        return remote
     prec = precision or spec.tensorrt.precision
     if prec == "int8":
         onnx = precision_mod.cached_onnx(spec, prec, cache)

@@ -3,7 +3,8 @@
 Requests (one input plane each) wait in a bounded queue; the batcher takes the first, then gathers
 more until ``max_batch`` or until ``max_delay_ms`` has passed since the first, runs one batch and hands
 each request its own slice of the outputs. If a batch fails, its requests are retried one by one, so
-one bad input fails only its own job. The engine is used from this thread only.
+one bad input fails only its own job. A local engine is used from this one thread only; an engine that
+takes several batches at once (``engine.max_in_flight``, a Triton server) gets that many threads.
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ class Batcher:
         self.on_batch = on_batch  # (batch size, seconds of inference, oldest queue wait)
         self.on_failure = on_failure  # an input whose inference failed
         self.batch_sizes: Counter[int] = Counter()
+        self._sizes_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{engine.name}", daemon=True)
+        n = max(1, int(getattr(engine, "max_in_flight", 1)))
+        self._threads = [threading.Thread(target=self._run, name=f"batcher-{engine.name}-{i}", daemon=True)
+                         for i in range(n)]
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def submit(self, request: Request, timeout: float | None = None) -> None:
         """Queue a request; blocks while the queue is full (back-pressure)."""
@@ -60,7 +65,9 @@ class Batcher:
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop."""
         self._stop.set()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _gather(self) -> list[Request]:
         try:
@@ -103,7 +110,8 @@ class Batcher:
             batch[0].done(None, exc)
             return
         seconds = time.monotonic() - t0
-        self.batch_sizes[len(batch)] += 1
+        with self._sizes_lock:
+            self.batch_sizes[len(batch)] += 1
         if self.on_batch is not None:
             self.on_batch(len(batch), seconds, waited)
         for i, r in enumerate(batch):

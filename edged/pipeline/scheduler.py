@@ -27,6 +27,7 @@ from pydicom import dcmread
 
 from edged import logs
 from edged.config import PipelineConfig
+from edged.errors import EngineUnavailableError
 from edged.inference.base import Engine
 from edged.inference.repository import ModelSpec
 from edged.metrics import Metrics
@@ -340,6 +341,12 @@ class Pipeline:
         lane.done()
 
     def _fail(self, lane: ModelLane, job: Job, exc: BaseException) -> None:
+        if isinstance(exc, EngineUnavailableError):
+            # Not the job's failure (a remote engine stopped waiting for its server at shutdown): the job
+            # stays running in the journal and returns to pending at the next start or when its lease ends.
+            logs.event(log, logging.INFO, "job.deferred", job=job.id, model=job.model, reason="backend unavailable")
+            lane.done()
+            return
         try:
             state = self.journal.fail_job(job, _reason(exc), self.cfg.max_attempts, self.cfg.retry_seconds)
             self.metrics.jobs.labels(job.model, state).inc()

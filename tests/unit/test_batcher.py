@@ -57,3 +57,49 @@ def test_one_bad_input_fails_only_itself(tmp_path: Path) -> None:
         b.stop()
     assert isinstance(results[2], Exception)
     assert all(isinstance(results[i], np.ndarray) for i in (0, 1, 3))
+
+
+class _SlowEngine(OnnxRuntimeEngine):
+    """A real ONNX Runtime engine that records how many batches run at once (as a remote server would)."""
+
+    max_in_flight = 3
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.running = 0
+        self.most = 0
+        self.entered = 0
+        self.gate = threading.Barrier(3, timeout=10)
+        self.lock = threading.Lock()
+
+    def infer(self, batch):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.entered += 1
+            first = self.entered <= 3
+        try:
+            if first:
+                try:
+                    self.gate.wait()  # the first batches meet here only if three threads run them together
+                except threading.BrokenBarrierError:
+                    pass
+            return super().infer(batch)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_engine_taking_several_batches_gets_that_many_threads(tmp_path: Path) -> None:
+    spec = load_model(write_model(tmp_path, max_batch=2))
+    x = np.random.default_rng(1).random((12, 1, 32, 32), dtype=np.float32)
+    with _SlowEngine(spec) as engine:
+        want = OnnxRuntimeEngine.infer(engine, x[:2])["logit"]
+        b = Batcher(engine, 2, max_delay_ms=0, queue_size=64)
+        b.start()
+        got = _run(engine, b, list(x))
+        b.stop()
+    assert engine.most == 3
+    assert sum(n * c for n, c in b.batch_sizes.items()) == 12
+    np.testing.assert_allclose(got[0], want[0:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1:2], rtol=1e-5, atol=1e-6)
