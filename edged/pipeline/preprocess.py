@@ -9,6 +9,7 @@ normalisation. Training (engines/train_demo_models.py), calibration (int8) and i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,9 +170,14 @@ def prepare_dataset(ds: object, spec: PreprocessSpec) -> np.ndarray:
     frames = pixels if pixels.ndim == 3 else pixels[None]
     slope = _first(getattr(ds, "RescaleSlope", None), 1.0)
     intercept = _first(getattr(ds, "RescaleIntercept", None), 0.0)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise PixelDataError("Rescale Slope or Intercept is not a finite number")
     mono1 = str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     bits = int(getattr(ds, "BitsStored", 0) or 0) or None
     signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
     planes = [prepare_slice(f, spec, slope=slope, intercept=intercept, monochrome1=mono1, bits_stored=bits,
                             signed=signed) for f in frames]
-    return np.stack(planes)[:, None]
+    out = np.stack(planes)[:, None]
+    if not np.isfinite(out).all():
+        raise PixelDataError("pixel values are not finite numbers after preprocessing")
+    return out

@@ -42,3 +42,13 @@ def test_other_base_exceptions_pass_through() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         decode_pixels(Stop())
+
+
+@pytest.mark.parametrize("keyword, value", [("RescaleSlope", "nan"), ("RescaleIntercept", "inf"),
+                                            ("RescaleSlope", "-inf")])
+def test_non_finite_rescale_is_a_pixel_data_error(keyword: str, value: str) -> None:
+    # Found by the fuzz test: a NaN slope gave NaN model inputs, a NaN probability and a failed commit.
+    ds = ct_slice(0, study_uid=generate_uid(), series_uid=generate_uid(), rows=64, columns=64)
+    setattr(ds, keyword, value)
+    with pytest.raises(PixelDataError, match="finite"):
+        prepare_dataset(ds, SPEC)
