@@ -54,6 +54,14 @@ class SpoolError(EdgedError):
         super().__init__(f"spool {self.path}: {reason}")
 
 
+class PixelDataError(EdgedError, ValueError):
+    """An image's pixel data could not be decoded. ``reason`` is short and has no patient data."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class OutOfResourcesError(EdgedError):
     """Storing one more instance would break a resource bound (disk watermark, pending limit).
 

@@ -46,10 +46,17 @@ class Finding:
     mask: np.ndarray | None = None  # bool (slices, rows, columns) at source resolution
 
 
+def _finite(probs: np.ndarray) -> np.ndarray:
+    """Probabilities, refused with ValueError when any is NaN or infinite (a finding must have a number)."""
+    if not np.isfinite(probs).all():
+        raise ValueError("model output is not a finite number")
+    return probs
+
+
 def classify(outputs: np.ndarray, activation: str, labels: list[Label]) -> list[Finding]:
     """Classification outputs ``(planes, classes)`` to findings; over several planes (frames) the
     highest probability counts, and the plane it came from is noted."""
-    probs = activate(outputs.reshape(outputs.shape[0], -1), activation)
+    probs = _finite(activate(outputs.reshape(outputs.shape[0], -1), activation))
     findings = []
     for label in labels:
         p = probs[:, label.channel]
@@ -75,7 +82,7 @@ def segment(outputs: np.ndarray, activation: str, labels: list[Label], geometrie
     """Segmentation outputs ``(planes, classes, h, w)`` to masks at source resolution with measurements:
     area (mm², one plane) or volume (mm³, several planes, needs the slice spacing), bounding box in
     pixels, centroid in patient coordinates (mm)."""
-    probs = activate(outputs, activation)
+    probs = _finite(activate(outputs, activation))
     g0 = geometries[0]
     rows, cols = g0.rows, g0.columns
     findings = []

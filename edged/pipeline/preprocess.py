@@ -9,9 +9,12 @@ normalisation. Training (engines/train_demo_models.py), calibration (int8) and i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from edged.errors import PixelDataError
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,23 @@ def _first(value: object, default: float) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def decode_pixels(ds: object) -> np.ndarray:
+    """``ds.pixel_array``, where a decoder's crash on corrupt data becomes :class:`PixelDataError`.
+
+    pylibjpeg-rle is written in Rust: data that disagrees with Rows/Columns makes it panic, which pyo3
+    raises as ``pyo3_runtime.PanicException``, a BaseException that ``except Exception`` lets through
+    (it would kill the worker thread and leave its job running). Other BaseExceptions pass unchanged.
+    """
+    try:
+        return ds.pixel_array  # type: ignore[attr-defined,no-any-return]
+    except Exception:
+        raise
+    except BaseException as exc:
+        if type(exc).__module__ != "pyo3_runtime":
+            raise
+        raise PixelDataError(f"pixel data decoder failed ({type(exc).__name__})") from None
+
+
 def prepare_dataset(ds: object, spec: PreprocessSpec) -> np.ndarray:
     """A decoded DICOM image (pydicom Dataset) to model inputs: float32 ``(frames, 1, rows, columns)``.
 
@@ -175,13 +195,18 @@ def prepare_dataset(ds: object, spec: PreprocessSpec) -> np.ndarray:
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise ValueError(f"SamplesPerPixel is {samples}: only monochrome images are supported")
-    pixels = ds.pixel_array  # type: ignore[attr-defined]
+    pixels = decode_pixels(ds)
     frames = pixels if pixels.ndim == 3 else pixels[None]
     slope = _first(getattr(ds, "RescaleSlope", None), 1.0)
     intercept = _first(getattr(ds, "RescaleIntercept", None), 0.0)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise PixelDataError("Rescale Slope or Intercept is not a finite number")
     mono1 = str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     bits = int(getattr(ds, "BitsStored", 0) or 0) or None
     signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
     planes = [prepare_slice(f, spec, slope=slope, intercept=intercept, monochrome1=mono1, bits_stored=bits,
                             signed=signed) for f in frames]
-    return np.stack(planes)[:, None]
+    out = np.stack(planes)[:, None]
+    if not np.isfinite(out).all():
+        raise PixelDataError("pixel values are not finite numbers after preprocessing")
+    return out

@@ -58,3 +58,15 @@ def test_dice() -> None:
     assert dice(a, a) == 1.0
     assert dice(a, ~a) == 0.0
     assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_non_finite_outputs_are_refused_not_recorded() -> None:
+    # Found by the fuzz test: a NaN probability made the journal's findings insert fail (NOT NULL),
+    # which sank the writer's whole batch and left its jobs running until their lease ran out.
+    import pytest
+
+    with pytest.raises(ValueError, match="finite"):
+        classify(np.array([[np.nan]], dtype=np.float32), "sigmoid", [NODULE])
+    geometry = Geometry(None, None, None, 4, 4)
+    with pytest.raises(ValueError, match="finite"):
+        segment(np.full((1, 1, 4, 4), np.nan, dtype=np.float32), "sigmoid", [NODULE], [geometry], None)
