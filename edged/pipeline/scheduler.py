@@ -384,7 +384,20 @@ class Pipeline:
         try:
             finished = set(self.journal.finish_jobs([r for r, _ in batch]))
         except Exception:
-            log.exception("could not commit findings; the jobs will run again after their lease")
+            if len(batch) > 1:  # one bad record must not hold back the others: commit them one by one
+                for item in batch:
+                    self._commit([item])
+                return
+            result, masks = batch[0]
+            log.exception("could not commit a job's findings")
+            for m in masks:
+                self.spool.remove(m)
+            try:
+                state = self.journal.fail_job(result.job, "findings could not be recorded", self.cfg.max_attempts,
+                                              self.cfg.retry_seconds)
+                self.metrics.jobs.labels(result.job.model, state).inc()
+            except Exception:
+                log.exception("could not record a job failure; the job will run again after its lease")
             return
         for result, masks in batch:
             if result.job.id in finished:
