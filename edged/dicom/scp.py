@@ -1,8 +1,9 @@
 """The DICOM listener: Verification and Storage SCP on pynetdicom.
 
 The C-STORE handler persists and answers, nothing more: the dataset's bytes as received (with file
-meta) go to a temp file in the spool, are fsynced and renamed to their final name, the directory is
-fsynced, the instance is committed to the journal, and only then is Success (0x0000) returned. It never
+meta) go to a temp file in the spool, renamed to their final name and fsynced; then the directory is
+fsynced and the instance committed to the journal (both shared by every association committing at that
+moment: :mod:`edged.spool.commit`), and only then is Success (0x0000) returned. It never
 decodes pixel data, never runs a model and never talks to the PACS.
 """
 
@@ -47,6 +48,7 @@ from edged.dicom.header import HeaderError, read_header
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
 from edged.metrics import Metrics
 from edged.pipeline.router import Router
+from edged.spool.commit import GroupCommit
 from edged.spool.journal import InstanceRecord, Journal
 from edged.spool.store import Spool
 
@@ -111,6 +113,11 @@ class StoreHandler:
         self._assoc_seq = 0
         self._seq_lock = threading.Lock()
         self._stats: weakref.WeakKeyDictionary[Any, _AssocStats] = weakref.WeakKeyDictionary()
+        self.committer = GroupCommit(journal, spool.instances)
+
+    def close(self) -> None:
+        """Stop the group committer (after the listener has stopped; later stores answer 0xA700)."""
+        self.committer.close()
 
     # -- association events ----------------------------------------------------------------------
 
@@ -243,15 +250,9 @@ class StoreHandler:
         relpath = self.spool.relpath_for(header.sop_instance_uid)
         size = len(meta) + len(stream)
         try:
-            tmp = self.spool.write_temp(meta, stream)
+            self.spool.write_placed(relpath, meta, stream)
         except OSError as exc:
             return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
-                              resource="disk", errno=exc.errno)
-        try:
-            self.spool.commit(tmp, relpath)
-        except OSError as exc:
-            self.spool.discard(tmp)
-            return self._fail(stats, status.OUT_OF_RESOURCES, "spool rename failed",
                               resource="disk", errno=exc.errno)
         record = InstanceRecord(
             sop_instance_uid=header.sop_instance_uid,
@@ -267,7 +268,12 @@ class StoreHandler:
         )
         routes = self.router.route(header) if self.router is not None else []
         try:
-            self.journal.add_instance(record, routes)
+            # The directory fsync and the journal row, shared with every association committing now.
+            self.committer.commit(record, routes)
+        except OSError as exc:
+            self.spool.remove(relpath)
+            return self._fail(stats, status.OUT_OF_RESOURCES, "spool directory sync failed",
+                              resource="disk", errno=exc.errno)
         except JournalError:
             # Not acknowledged, so not kept: the spool never holds a file the journal doesn't know.
             self.spool.remove(relpath)
