@@ -33,16 +33,17 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta as pynetdicom_encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edged import logs
 from edged.audit import AuditLog
 from edged.config import DicomConfig
-from edged.dicom import status
+from edged.dicom import fastdimse, status
 from edged.dicom.contexts import SharedContexts
+from edged.dicom.filemeta import encode_file_meta
 from edged.dicom.server import ListeningServer, start_server
 from edged.dicom.header import HeaderError, read_header
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
@@ -134,6 +135,7 @@ class StoreHandler:
         return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
     def on_established(self, event: evt.Event) -> None:
+        fastdimse.install(event.assoc)
         self.metrics.associations.labels("accepted").inc()
         stats = self._stats_for(event.assoc)
         logs.event(log, logging.DEBUG, "association.established", assoc=stats.number,
@@ -246,7 +248,10 @@ class StoreHandler:
             raise OutOfResourcesError("disk", "free disk space below the configured minimum")
 
     def _persist(self, event: evt.Event, stats: _AssocStats, stream: memoryview, header: Any, ts: str) -> int | Dataset:
-        meta = _PREAMBLE + encode_file_meta(event.file_meta)
+        try:
+            meta = encode_file_meta(str(event.request.AffectedSOPClassUID), header.sop_instance_uid, ts)
+        except UnicodeEncodeError:  # not a valid UID, but stored as received: pydicom's encoder copes
+            meta = _PREAMBLE + pynetdicom_encode_file_meta(event.file_meta)
         relpath = self.spool.relpath_for(header.sop_instance_uid)
         size = len(meta) + len(stream)
         try:
@@ -305,6 +310,11 @@ def _tls_context(cfg: DicomConfig) -> ssl.SSLContext | None:
     except (ssl.SSLError, OSError) as exc:
         raise EdgedError(f"dicom.tls: cannot load certificate, key or CA: {exc}") from None
     return ctx
+
+
+# pynetdicom's default handlers describe every PDU and DIMSE message for its loggers, which edged keeps at
+# ERROR (edged.logs.setup): they would only spend CPU on every message. Associations bind them at creation.
+_config.LOG_HANDLER_LEVEL = "none"
 
 
 def build_ae(cfg: DicomConfig) -> AE:
