@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -312,9 +313,18 @@ def _tls_context(cfg: DicomConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-# pynetdicom's default handlers describe every PDU and DIMSE message for its loggers, which edged keeps at
-# ERROR (edged.logs.setup): they would only spend CPU on every message. Associations bind them at creation.
-_config.LOG_HANDLER_LEVEL = "none"
+def tune_libraries() -> None:
+    """Turn off library work whose only output edged drops (process-wide; called by :class:`Listener`).
+
+    * pynetdicom's default handlers describe every PDU and DIMSE message for its loggers, which edged keeps
+      at ERROR (:func:`edged.logs.setup`). Associations bind them when created.
+    * pydicom validates every value it reads (each UID against a regular expression, several times per
+      UID in an A-ASSOCIATE-RQ) only to *warn* about it (``reading_validation_mode`` WARN), and those
+      warnings are dropped too. Validation never refuses anything at that level, so IGNORE changes no
+      outcome; pynetdicom's own checks of UIDs in PDUs (``_config.VALIDATORS``) still run.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 def build_ae(cfg: DicomConfig) -> AE:
@@ -337,6 +347,7 @@ class Listener:
     """The listening DICOM server. :meth:`start` binds; :meth:`stop` shuts down in order."""
 
     def __init__(self, cfg: DicomConfig, handler: StoreHandler) -> None:
+        tune_libraries()
         self.cfg = cfg
         self.handler = handler
         self.ae = build_ae(cfg)
