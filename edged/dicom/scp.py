@@ -118,7 +118,7 @@ class StoreHandler:
         self.committer = GroupCommit(journal, spool.instances)
 
     def close(self) -> None:
-        """Stop the group committer (after the listener has stopped; later stores answer 0xA700)."""
+        """Refuse further commits (after the listener has stopped; later stores answer 0xA700)."""
         self.committer.close()
 
     # -- association events ----------------------------------------------------------------------

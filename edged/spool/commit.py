@@ -1,12 +1,14 @@
 """Group commit: one directory fsync and one journal transaction for the instances of every association
 that is waiting at that moment.
 
-Each association thread writes and fsyncs its own file (under its final name) and then hands the
-instance to :meth:`GroupCommit.commit`, which blocks until the spool directory has been fsynced and the
-instance's journal row committed (``synchronous=FULL``), or raises. One committer thread takes whatever
-is queued when it comes round, so with one association each instance is its own group (no wait for a
-timer: the committer never sleeps while work is queued), and with several the fsyncs of the directory
-and of the WAL are shared by all of them. Nothing is acknowledged before its own group is durable.
+Each association thread writes and fsyncs its own file (under its final name) and then calls
+:meth:`GroupCommit.commit`, which returns only once the spool directory has been fsynced and the
+instance's journal row committed (``synchronous=FULL``), or raises. There is no committer thread: the
+first caller to find no commit in progress leads one for everything queued at that moment (itself
+included), and callers that arrive meanwhile wait and are committed together by the next leader. With
+one association each instance is its own group, committed by its own thread (no hand-off, no timer);
+with several, the fsyncs of the directory and of the WAL are shared. Nothing is acknowledged before
+its own group is durable.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,7 +33,7 @@ MAX_GROUP = 64
 class _Pending:
     record: InstanceRecord
     routes: Sequence[Route]
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     error: BaseException | None = None
     added: bool = False
 
@@ -54,16 +56,11 @@ class GroupCommit:
         self._sync_dir = sync_dir
         self._queue: list[_Pending] = []
         self._cond = threading.Condition()
+        self._busy = False
         self._closed = False
-        self._thread: threading.Thread | None = None
-        #: Groups committed and instances in them (for tests and the benchmark's curiosity).
+        #: Groups committed and instances in them (for tests and the curious).
         self.groups = 0
         self.instances = 0
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="GroupCommit", daemon=True)
-            self._thread.start()
 
     def commit(self, record: InstanceRecord, routes: Sequence[Route] = ()) -> bool:
         """Make ``record`` durable with its file's directory entry; True if it was added (False: the UID
@@ -72,31 +69,31 @@ class GroupCommit:
         with self._cond:
             if self._closed:
                 raise JournalError(self.journal.path, "group commit closed")
-            self._ensure_thread()
             self._queue.append(item)
-            self._cond.notify()
-        item.done.wait()
+        while True:
+            with self._cond:
+                while not item.done and self._busy:
+                    self._cond.wait()
+                if item.done:
+                    break
+                self._busy = True  # this thread leads the next group
+                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+            try:
+                self._commit_group(group)
+            finally:
+                with self._cond:
+                    for member in group:
+                        member.done = True
+                    self._busy = False
+                    self._cond.notify_all()
         if item.error is not None:
             raise item.error
         return item.added
 
     def close(self) -> None:
-        """Stop the committer once the queue is empty; later commits raise :class:`JournalError`."""
+        """Refuse later commits (:class:`JournalError`); commits already queued still complete."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(30)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-            self._commit_group(group)
 
     def _commit_group(self, group: list[_Pending]) -> None:
         try:
@@ -121,13 +118,12 @@ class GroupCommit:
                         item.error = exc
             self.groups += 1
             self.instances += len(group)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting thread, never lost
+        except BaseException as exc:  # noqa: BLE001 - handed to every member of the group, never lost
             for item in group:
                 if item.error is None:
                     item.error = exc if isinstance(exc, (JournalError, OSError)) else JournalError(
                         self.journal.path, f"group commit failed: {type(exc).__name__}")
             if not isinstance(exc, (JournalError, OSError)):
                 log.exception("group commit failed")
-        finally:
-            for item in group:
-                item.done.set()
+            if not isinstance(exc, Exception):
+                raise

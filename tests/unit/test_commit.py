@@ -157,3 +157,21 @@ def test_closed_committer_refuses(tmp_path: Path) -> None:
         assert not j.has_instance("6.1")
     finally:
         j.close()
+
+
+def test_a_lone_caller_commits_in_its_own_thread(tmp_path: Path) -> None:
+    # No hand-off to another thread when nobody else is committing (one association's latency).
+    j = Journal.open(tmp_path)
+    threads: list[int] = []
+
+    def sync_dir(path: Path) -> None:
+        threads.append(threading.get_ident())
+        fsync_dir(path)
+
+    gc = GroupCommit(j, tmp_path, sync_dir=sync_dir)
+    try:
+        gc.commit(rec("7.1"), ROUTES)
+        assert threads == [threading.get_ident()]
+    finally:
+        gc.close()
+        j.close()
