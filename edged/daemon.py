@@ -242,6 +242,7 @@ class Daemon:
             aborted = self.listener.abort_all()
             if aborted:
                 logs.event(log, logging.WARNING, "shutdown.aborted_associations", count=aborted)
+            self.listener.handler.close()
         if self.pipeline is not None:
             left = 0.0 if self.force_exit else max(0.0, deadline - time.monotonic())
             if not self.pipeline.stop(left):

@@ -1,8 +1,9 @@
 """The DICOM listener: Verification and Storage SCP on pynetdicom.
 
 The C-STORE handler persists and answers, nothing more: the dataset's bytes as received (with file
-meta) go to a temp file in the spool, are fsynced and renamed to their final name, the directory is
-fsynced, the instance is committed to the journal, and only then is Success (0x0000) returned. It never
+meta) go to a temp file in the spool, renamed to their final name and fsynced; then the directory is
+fsynced and the instance committed to the journal (both shared by every association committing at that
+moment: :mod:`edged.spool.commit`), and only then is Success (0x0000) returned. It never
 decodes pixel data, never runs a model and never talks to the PACS.
 """
 
@@ -16,6 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -32,22 +34,24 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta as pynetdicom_encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edged import logs
 from edged.audit import AuditLog
 from edged.config import DicomConfig
-from edged.dicom import status
+from edged.dicom import fastdimse, status
 from edged.dicom.contexts import SharedContexts
+from edged.dicom.filemeta import encode_file_meta
 from edged.dicom.guard import Guard, Limits
 from edged.dicom.server import ListeningServer, start_server
 from edged.dicom.header import HeaderError, read_header
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
 from edged.metrics import Metrics
 from edged.pipeline.router import Router
+from edged.spool.commit import GroupCommit
 from edged.spool.journal import InstanceRecord, Journal
 from edged.spool.store import Spool
 
@@ -112,6 +116,11 @@ class StoreHandler:
         self._assoc_seq = 0
         self._seq_lock = threading.Lock()
         self._stats: weakref.WeakKeyDictionary[Any, _AssocStats] = weakref.WeakKeyDictionary()
+        self.committer = GroupCommit(journal, spool.instances)
+
+    def close(self) -> None:
+        """Refuse further commits (after the listener has stopped; later stores answer 0xA700)."""
+        self.committer.close()
 
     # -- association events ----------------------------------------------------------------------
 
@@ -128,6 +137,7 @@ class StoreHandler:
         return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
     def on_established(self, event: evt.Event) -> None:
+        fastdimse.install(event.assoc)
         self.metrics.associations.labels("accepted").inc()
         stats = self._stats_for(event.assoc)
         logs.event(log, logging.DEBUG, "association.established", assoc=stats.number,
@@ -239,19 +249,16 @@ class StoreHandler:
             raise OutOfResourcesError("disk", "free disk space below the configured minimum")
 
     def _persist(self, event: evt.Event, stats: _AssocStats, stream: memoryview, header: Any, ts: str) -> int | Dataset:
-        meta = _PREAMBLE + encode_file_meta(event.file_meta)
+        try:
+            meta = encode_file_meta(str(event.request.AffectedSOPClassUID), header.sop_instance_uid, ts)
+        except UnicodeEncodeError:  # not a valid UID, but stored as received: pydicom's encoder copes
+            meta = _PREAMBLE + pynetdicom_encode_file_meta(event.file_meta)
         relpath = self.spool.relpath_for(header.sop_instance_uid)
         size = len(meta) + len(stream)
         try:
-            tmp = self.spool.write_temp(meta, stream)
+            self.spool.write_placed(relpath, meta, stream)
         except OSError as exc:
             return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
-                              resource="disk", errno=exc.errno)
-        try:
-            self.spool.commit(tmp, relpath)
-        except OSError as exc:
-            self.spool.discard(tmp)
-            return self._fail(stats, status.OUT_OF_RESOURCES, "spool rename failed",
                               resource="disk", errno=exc.errno)
         record = InstanceRecord(
             sop_instance_uid=header.sop_instance_uid,
@@ -267,7 +274,12 @@ class StoreHandler:
         )
         routes = self.router.route(header) if self.router is not None else []
         try:
-            self.journal.add_instance(record, routes)
+            # The directory fsync and the journal row, shared with every association committing now.
+            self.committer.commit(record, routes)
+        except OSError as exc:
+            self.spool.remove(relpath)
+            return self._fail(stats, status.OUT_OF_RESOURCES, "spool directory sync failed",
+                              resource="disk", errno=exc.errno)
         except JournalError:
             # Not acknowledged, so not kept: the spool never holds a file the journal doesn't know.
             self.spool.remove(relpath)
@@ -301,6 +313,20 @@ def _tls_context(cfg: DicomConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def tune_libraries() -> None:
+    """Turn off library work whose only output edged drops (process-wide; called by :class:`Listener`).
+
+    * pynetdicom's default handlers describe every PDU and DIMSE message for its loggers, which edged keeps
+      at ERROR (:func:`edged.logs.setup`). Associations bind them when created.
+    * pydicom validates every value it reads (each UID against a regular expression, several times per
+      UID in an A-ASSOCIATE-RQ) only to *warn* about it (``reading_validation_mode`` WARN), and those
+      warnings are dropped too. Validation never refuses anything at that level, so IGNORE changes no
+      outcome; pynetdicom's own checks of UIDs in PDUs (``_config.VALIDATORS``) still run.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
 def build_ae(cfg: DicomConfig) -> AE:
     """An application entity supporting Verification and every storage SOP class."""
     ae = AE(ae_title=cfg.ae_title)
@@ -321,6 +347,7 @@ class Listener:
     """The listening DICOM server. :meth:`start` binds; :meth:`stop` shuts down in order."""
 
     def __init__(self, cfg: DicomConfig, handler: StoreHandler) -> None:
+        tune_libraries()
         self.cfg = cfg
         self.handler = handler
         self.ae = build_ae(cfg)

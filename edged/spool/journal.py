@@ -339,41 +339,52 @@ class Journal:
         up) so a new series job follows. An instance no model wants is ``done`` at once. Returns False
         (and changes nothing) when the SOP Instance UID is already recorded.
         """
+        return self.add_instances([(rec, routes)])[0]
+
+    def add_instances(self, items: Sequence[tuple[InstanceRecord, Sequence[Route]]]) -> list[bool]:
+        """:meth:`add_instance` for several instances in one durable transaction (a group commit): all
+        of them are recorded or, on error, none. One bool per item, as :meth:`add_instance` returns."""
         now = time.time()
+        added: list[bool] = []
+        with self._tx() as conn:
+            for rec, routes in items:
+                added.append(self._insert_instance(conn, rec, routes, now))
+        self._pending += sum(1 for ok, (_, routes) in zip(added, items) if ok and routes)
+        return added
+
+    @staticmethod
+    def _insert_instance(conn: sqlite3.Connection, rec: InstanceRecord, routes: Sequence[Route], now: float) -> bool:
         received_at = rec.received_at or now
         wanted = bool(routes)
-        with self._tx() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
-                " series_instance_uid, modality, transfer_syntax_uid, size_bytes, calling_ae,"
-                " received_at, path, state) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (rec.sop_instance_uid, rec.sop_class_uid, rec.study_instance_uid, rec.series_instance_uid,
-                 rec.modality, rec.transfer_syntax_uid, rec.size_bytes, rec.calling_ae, received_at, rec.path,
-                 "received" if wanted else "done"),
-            )
-            if cur.rowcount != 1:
-                return False
-            conn.execute(
-                "INSERT INTO series (series_instance_uid, study_instance_uid, modality, first_received,"
-                " last_received, instance_count, expected_count) VALUES (?,?,?,?,?,1,?)"
-                " ON CONFLICT (series_instance_uid) DO UPDATE SET last_received = excluded.last_received,"
-                " instance_count = instance_count + 1,"
-                " expected_count = COALESCE(excluded.expected_count, expected_count),"
-                " generation = generation + (state = 'complete'), state = 'open'",
-                (rec.series_instance_uid, rec.study_instance_uid, rec.modality, received_at, received_at,
-                 rec.expected_count),
-            )
-            for r in routes:
-                if r.level == "instance":
-                    conn.execute(
-                        "INSERT OR IGNORE INTO jobs (model, model_version, level, sop_instance_uid,"
-                        " series_instance_uid, created_at, updated_at) VALUES (?,?,'instance',?,?,?,?)",
-                        (r.model, r.version, rec.sop_instance_uid, rec.series_instance_uid, now, now))
-                else:
-                    conn.execute("INSERT OR IGNORE INTO series_models VALUES (?,?,?)",
-                                 (rec.series_instance_uid, r.model, r.version))
-        if wanted:
-            self._pending += 1
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
+            " series_instance_uid, modality, transfer_syntax_uid, size_bytes, calling_ae,"
+            " received_at, path, state) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (rec.sop_instance_uid, rec.sop_class_uid, rec.study_instance_uid, rec.series_instance_uid,
+             rec.modality, rec.transfer_syntax_uid, rec.size_bytes, rec.calling_ae, received_at, rec.path,
+             "received" if wanted else "done"),
+        )
+        if cur.rowcount != 1:
+            return False
+        conn.execute(
+            "INSERT INTO series (series_instance_uid, study_instance_uid, modality, first_received,"
+            " last_received, instance_count, expected_count) VALUES (?,?,?,?,?,1,?)"
+            " ON CONFLICT (series_instance_uid) DO UPDATE SET last_received = excluded.last_received,"
+            " instance_count = instance_count + 1,"
+            " expected_count = COALESCE(excluded.expected_count, expected_count),"
+            " generation = generation + (state = 'complete'), state = 'open'",
+            (rec.series_instance_uid, rec.study_instance_uid, rec.modality, received_at, received_at,
+             rec.expected_count),
+        )
+        for r in routes:
+            if r.level == "instance":
+                conn.execute(
+                    "INSERT OR IGNORE INTO jobs (model, model_version, level, sop_instance_uid,"
+                    " series_instance_uid, created_at, updated_at) VALUES (?,?,'instance',?,?,?,?)",
+                    (r.model, r.version, rec.sop_instance_uid, rec.series_instance_uid, now, now))
+            else:
+                conn.execute("INSERT OR IGNORE INTO series_models VALUES (?,?,?)",
+                             (rec.series_instance_uid, r.model, r.version))
         return True
 
     # -- series and jobs --------------------------------------------------------------------------

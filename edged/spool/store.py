@@ -40,6 +40,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, parts: tuple[bytes | memoryview, ...]) -> None:
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
 def _make_dir(path: Path) -> None:
     """Create ``path`` (and parents) durably: each new directory's parent is fsynced."""
     missing: list[Path] = []
@@ -103,14 +114,7 @@ class Spool:
         tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}{TMP_SUFFIX}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            views = [memoryview(p) for p in parts if len(p)]
-            while views:
-                written = os.writev(fd, views)
-                while views and written >= len(views[0]):
-                    written -= len(views[0])
-                    views.pop(0)
-                if views and written:
-                    views[0] = views[0][written:]
+            _write_all(fd, parts)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -118,6 +122,39 @@ class Spool:
             raise
         os.close(fd)
         return tmp
+
+    def write_placed(self, relpath: str, *parts: bytes | memoryview) -> Path:
+        """Write ``parts`` to a temp file, rename it to ``relpath`` and fsync it; the directory is *not*
+        fsynced: the caller does that (once for a group, see :mod:`edged.spool.commit`) before it records
+        or acknowledges the file.
+
+        The rename comes before the fsync so that, on journalling filesystems (ext4, XFS), the file's
+        fsync also makes the rename durable and the directory fsync that follows has little left to do.
+        A crash before the journal row is committed may leave a file (even an incomplete one) under its
+        final name: it has no journal row, was never acknowledged, and :meth:`reconcile` removes it at
+        the next start. On error nothing is left behind and :class:`OSError` is raised.
+        """
+        with self._counter_lock:
+            self._counter += 1
+            n = self._counter
+        tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}{TMP_SUFFIX}"
+        final = self.storage_dir / relpath
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        placed = False
+        try:
+            _write_all(fd, parts)
+            os.replace(tmp, final)
+            placed = True
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            if placed:
+                self.remove(relpath)
+            else:
+                self.discard(tmp)
+            raise
+        os.close(fd)
+        return final
 
     def commit(self, tmp: Path, relpath: str) -> Path:
         """Rename a written temp file to its final name and fsync the directory."""

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from edged.spool.store import Spool
 
 
@@ -40,3 +42,30 @@ def test_reconcile_removes_leftovers_and_reports_missing(tmp_path: Path) -> None
     assert (tmp_path / kept).read_bytes() == b"kept"
     assert not (tmp_path / unrecorded).exists()
     assert list(spool.tmp.iterdir()) == []
+
+
+def test_write_placed_puts_the_bytes_under_their_final_name(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    rel = spool.relpath_for("2.1")
+    final = spool.write_placed(rel, b"head", memoryview(b"-body" * 1000))
+    assert final == tmp_path / rel
+    assert final.read_bytes() == b"head" + b"-body" * 1000
+    assert list(spool.tmp.iterdir()) == []
+
+
+def test_write_placed_leaves_nothing_when_it_fails(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    with pytest.raises(OSError):
+        spool.write_placed("spool/no-such-dir/x.dcm", b"data")
+    assert list(spool.tmp.iterdir()) == []
+    assert not (tmp_path / "spool/no-such-dir").exists()
+
+
+def test_placed_file_without_journal_row_is_removed_at_reconcile(tmp_path: Path) -> None:
+    # A crash between placing a file and committing its journal row: never acknowledged, so removed.
+    spool = Spool(tmp_path)
+    rel = spool.relpath_for("2.2")
+    spool.write_placed(rel, b"not acknowledged")
+    report = Spool(tmp_path).reconcile(set())
+    assert report.removed_unrecorded == 1
+    assert not (tmp_path / rel).exists()
