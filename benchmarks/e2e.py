@@ -1,18 +1,19 @@
 """End-to-end benchmark: scanner -> edged -> findings -> SR at the PACS, in one run on 127.0.0.1.
 
-1. The bare engine: ``edged engines bench ct-nodule-cls --batch 1 4 8 16 --json`` (same config as the
-   daemon); its best images/s is what the pipeline is compared with.
+1. The bare engine: ``edged engines bench MODEL --batch 1 4 8 16 --json`` for every model (same config and
+   backend as the daemon); each model's best images/s is what the pipeline is compared with.
 2. Orthanc as the PACS (``[[destinations]]``), a fresh edged, and synthetic chest CT slices (512x512
    16-bit, drawn from a pool of ``edged.synthetic.chest_phantom`` images, each slice with its own SOP
    Instance UID and position) pushed with DCMTK ``storescu`` (``TCP_NODELAY=1``), one ``storescu`` per
    series, series after series. Then it waits, polling the journal read-only, until every job is done
    and every result delivered.
-3. Figures: sustained findings/s of the classifier and its ratio to the bare engine, ingest images/s,
-   latency from receipt to finding and from the last slice of a series to its SR at the PACS, where the
-   time goes (``/metrics`` stage sums), the batch sizes the batcher formed, and edged's CPU time per slice
-   outside inference.
+3. Figures, all from this one run: the machine's cores; sustained findings/s of the classifier and images/s
+   of every model against its bare engine at its best batch size; latency from receipt to finding (per
+   slice) and from receipt to delivery (per result, journal timestamps); time to result per series; edged's
+   CPU time per stage (``edged_stage_cpu_seconds_total``, summing to the daemon's CPU time); wall time per
+   stage; the batch sizes the batcher formed; CPU per slice outside inference.
 
-Run:  .venv/bin/python benchmarks/e2e.py [--slices 1000] [--series-size 300] [--no-orthanc] [--json FILE]
+Run:  .venv/bin/python benchmarks/e2e.py [--quick] [--backend onnxruntime|tensorrt] [--slices 1000] [--json FILE]
 See benchmarks/README.md for what every figure means.
 """
 
