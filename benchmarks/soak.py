@@ -83,6 +83,9 @@ class PacedSender:
         self.sent = 0
         self.failed = 0
         self.max_lag = 0.0  # seconds the sender was behind its schedule, at worst
+        #: C-STORE round trips (request sent -> response): long ones mean edged (or the machine) stalled, not
+        #: the sender; one longer than the quiet period lets edged complete a series that is still arriving
+        self.round_trips: list[float] = []
         self.error: str | None = None
         self.started = math.nan
         self.finished = math.nan
@@ -136,7 +139,9 @@ class PacedSender:
                 ds.InstanceNumber = k + 1
                 ds.ImagePositionPatient = [-250.0, -250.0, -2.5 * k]
                 ds.SliceLocation = -2.5 * k
+                t = time.monotonic()
                 rsp = assoc.send_c_store(ds)
+                self.round_trips.append(time.monotonic() - t)
                 if rsp is None or "Status" not in rsp:
                     raise BenchError(f"no C-STORE response (association lost) at slice {first + k}")
                 if int(rsp.Status) != 0:
@@ -311,6 +316,7 @@ def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             finally:
                 conn.close()
             delivered = _delivered(edged.journal)
+            reopened = _reopened(edged.journal)
         finally:
             if sender is not None:
                 sender.stop()
@@ -327,6 +333,11 @@ def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "sent": sender.sent, "failed": sender.failed,
         "send_seconds": send_seconds, "achieved_rate": sender.sent / send_seconds if send_seconds > 0 else math.nan,
         "max_lag_s": sender.max_lag, "delivered": delivered,
+        "round_trip_s": {"p50": float(np.percentile(sender.round_trips, 50)) if sender.round_trips else math.nan,
+                         "p99": float(np.percentile(sender.round_trips, 99)) if sender.round_trips else math.nan,
+                         "max": max(sender.round_trips, default=math.nan),
+                         "over_quiet_period": sum(1 for x in sender.round_trips if x > args.quiet_seconds)},
+        "reopened_series": reopened,
         "drain_seconds": (drained_at - sender.finished) if drained_at is not None else math.nan,
         "samples": [asdict(s) for s in samples],
         "trends": [asdict(trend(samples, f, args.warmup)) for f in FIGURES],
@@ -337,6 +348,18 @@ def _delivered(journal: Path) -> int:
     conn = open_journal(journal)
     try:
         return int(conn.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _reopened(journal: Path) -> dict[str, int]:
+    """Series completed more than once (a gap longer than the quiet period while they arrived), and the report
+    jobs all series got (one per series and generation)."""
+    conn = open_journal(journal)
+    try:
+        series, reopened = conn.execute("SELECT COUNT(*), SUM(generation > 0) FROM series").fetchone()
+        reports = conn.execute("SELECT COUNT(*) FROM jobs WHERE level = 'report'").fetchone()[0]
+        return {"series": int(series), "reopened": int(reopened or 0), "report_jobs": int(reports)}
     finally:
         conn.close()
 
@@ -353,6 +376,10 @@ def report(r: dict[str, Any]) -> str:
         f"sent {r['sent']} ({r['failed']} not Success) in {r['send_seconds']:.0f} s: {r['achieved_rate']:.1f}/s; the "
         f"sender was at most {r['max_lag_s']:.2f} s behind its schedule; drained {_f(r['drain_seconds'], '.0f')} s "
         f"after the last slice; {r['delivered']} results delivered",
+        f"C-STORE round trip: p50 {r['round_trip_s']['p50']:.3f} s, p99 {r['round_trip_s']['p99']:.3f} s, max "
+        f"{r['round_trip_s']['max']:.1f} s; {r['round_trip_s']['over_quiet_period']} longer than series_quiet_seconds "
+        f"({r['quiet_seconds']:g} s); series completed more than once: {r['reopened_series']['reopened']} of "
+        f"{r['reopened_series']['series']} ({r['reopened_series']['report_jobs']} report jobs)",
         "",
         f"  {'t s':>6} {'sent':>6} {'recv':>6} {'RSS MiB':>8} {'fds':>4} {'thr':>4} {'CPU s':>7} {'journal':>8} "
         f"{'WAL MiB':>7} {'spool MiB':>9} {'files':>6} {'backlog':>7} {'purged':>6}",
