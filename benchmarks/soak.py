@@ -39,12 +39,18 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from e2e import (  # noqa: E402
-    CLASSIFIER, HOST, MAX_PDU, EDGED_AET, BenchError, Edged, Pacs, _no_nan, _raise_on_sigterm, open_journal,
+    CLASSIFIER, HOST, MAX_PDU, EDGED_AET, BenchError, Edged, Pacs, _no_nan, open_journal,
     proc_cpu_seconds,
 )
 from ingest import _positive, reap_all  # noqa: E402
 
 CALLING_AET = "SOAKSCU"
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    print("\nsoak.py: terminated; stopping the processes it started", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
 #: A figure is "flat" when its fitted growth over the whole run stays under max(absolute, relative x start).
 FLAT_TOLERANCE: dict[str, tuple[float, float]] = {
     "rss_mib": (16.0, 0.05),
@@ -310,9 +316,11 @@ def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                             settle_until = drained_at + args.settle_seconds
                         if settle_until is not None and time.monotonic() >= settle_until:
                             break
-                        if time.monotonic() > deadline_after_send:
-                            raise BenchError(f"not drained {args.timeout:.0f} s after the last slice: backlog "
-                                             f"{s.backlog}")
+                        if drained_at is None and time.monotonic() > deadline_after_send:
+                            # reported (the verdict covers the sending part), not raised: the samples are the point
+                            print(f"  not drained {args.timeout:.0f} s after the last slice (backlog {s.backlog}); "
+                                  "reporting what was measured", file=sys.stderr, flush=True)
+                            break
             finally:
                 conn.close()
             delivered = _delivered(edged.journal)
@@ -339,6 +347,7 @@ def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                          "over_quiet_period": sum(1 for x in sender.round_trips if x > args.quiet_seconds)},
         "reopened_series": reopened,
         "drain_seconds": (drained_at - sender.finished) if drained_at is not None else math.nan,
+        "drained": drained_at is not None,
         "samples": [asdict(s) for s in samples],
         "trends": [asdict(trend(samples, f, args.warmup)) for f in FIGURES],
     }
@@ -375,7 +384,7 @@ def report(r: dict[str, Any]) -> str:
         (f"STOPPED EARLY (--max-send-seconds): sent {r['sent']} of {r['count']}\n" if r["stopped_early"] else "") +
         f"sent {r['sent']} ({r['failed']} not Success) in {r['send_seconds']:.0f} s: {r['achieved_rate']:.1f}/s; the "
         f"sender was at most {r['max_lag_s']:.2f} s behind its schedule; drained {_f(r['drain_seconds'], '.0f')} s "
-        f"after the last slice; {r['delivered']} results delivered",
+        f"after the last slice{'' if r['drained'] else ' (NOT drained: backlog left at the end)'}; {r['delivered']} results delivered",
         f"C-STORE round trip: p50 {r['round_trip_s']['p50']:.3f} s, p99 {r['round_trip_s']['p99']:.3f} s, max "
         f"{r['round_trip_s']['max']:.1f} s; {r['round_trip_s']['over_quiet_period']} longer than series_quiet_seconds "
         f"({r['quiet_seconds']:g} s); series completed more than once: {r['reopened_series']['reopened']} of "
@@ -432,15 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention-seconds", type=float, default=60.0, metavar="S",
                    help="[outbox] retention_seconds: how long delivered work stays in the spool (default: 60; a "
                         "site keeps a day, which would fill the disk in a soak this short)")
-    p.add_argument("--quiet-seconds", type=float, default=5.0, metavar="S",
-                   help="[pipeline] series_quiet_seconds (default: 5)")
+    p.add_argument("--quiet-seconds", type=float, default=10.0, metavar="S",
+                   help="[pipeline] series_quiet_seconds (default: 10, edged's default)")
     p.add_argument("--settle-seconds", type=float, default=None, metavar="S",
                    help="after the backlog is drained, keep sampling this long so that retention runs once more "
                         "(default: retention_seconds + 35)")
     p.add_argument("--warmup", type=float, default=0.1, metavar="F",
                    help="share of instances left out of the slopes at the start (default: 0.1)")
     p.add_argument("--timeout", type=float, default=900.0, metavar="S",
-                   help="give up when the backlog is not drained this long after the last slice (default: 900)")
+                   help="stop waiting (and report, saying so) when the backlog is not drained this long after the "
+                        "last slice (default: 900)")
     p.add_argument("--max-send-seconds", type=float, default=None, metavar="S",
                    help="stop sending after S seconds even if --count is not reached (the report says so)")
     p.add_argument("--no-orthanc", action="store_true",
