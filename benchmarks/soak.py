@@ -9,7 +9,7 @@ spool's size and the backlog (journal, read-only). After the last slice it waits
 every result delivered, then one more retention sweep, and prints the samples, start/end/max per figure and a
 verdict per figure: flat or growing, with the least-squares slope per 1,000 instances.
 
-Run:  .venv/bin/python benchmarks/soak.py [--count 20000] [--rate 40] [--json FILE]
+Run:  .venv/bin/python benchmarks/soak.py [--count 20000] [--rate 10] [--json FILE]
 See benchmarks/README.md.
 """
 
@@ -431,10 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Push CT slices at a steady rate through edged (classifier, retention, Orthanc) and report "
                     "whether its memory, file descriptors, threads, journal, WAL, spool and backlog stay flat.",
         epilog="Needs Debian's orthanc and a C compiler (tests/orthanc.py) unless --no-orthanc. "
-               "Example: .venv/bin/python benchmarks/soak.py --count 2000 --rate 40 --json soak.json",
+               "Example: .venv/bin/python benchmarks/soak.py --count 2000 --rate 10 --json soak.json",
     )
     p.add_argument("--count", type=_positive, default=20000, metavar="N", help="slices to send (default: 20000)")
-    p.add_argument("--rate", type=float, default=40.0, metavar="R", help="slices per second (default: 40)")
+    p.add_argument("--rate", type=float, default=10.0, metavar="R",
+                   help="slices per second (default: 10: with one SR per 300-slice series taking ~27 s to author on "
+                        "an idle 2-core machine, a faster steady rate piles up reports; see benchmarks/README.md)")
     p.add_argument("--series-size", type=_positive, default=300, metavar="K",
                    help="slices per series, one association each (default: 300)")
     p.add_argument("--sample-seconds", type=float, default=10.0, metavar="S", help="sampling period (default: 10)")
