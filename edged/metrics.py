@@ -12,6 +12,10 @@ GPU use) are read when Prometheus scrapes, by collectors, so they are never stal
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -24,6 +28,10 @@ log = logging.getLogger("edged.metrics")
 REJECT_REASONS = ("calling_ae", "called_ae", "busy", "other")
 #: Pipeline stages timed by ``edged_stage_seconds``.
 STAGES = ("preprocess", "queue_wait", "inference", "postprocess", "commit", "object_write", "delivery")
+#: Stages whose thread CPU time ``edged_stage_cpu_seconds_total`` counts (no queue_wait: waiting is not work).
+#: ``receive``: the C-STORE handler; ``control``: the pipeline's control step (series completion, lease
+#: recovery, claiming jobs: journal work); ``inference``: the batcher thread (batching, the engine call).
+CPU_STAGES = ("receive", "control", "preprocess", "inference", "postprocess", "commit", "object_write", "delivery")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _END_TO_END = (0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1800)
@@ -59,6 +67,53 @@ class StateCollector(Collector):
                                 value=snap["oldest_pending_job_seconds"] or 0.0)
         yield GaugeMetricFamily("edged_spool_free_bytes", "Free bytes on the spool's filesystem.",
                                 value=snap["free_bytes"])
+
+
+def _clock_ticks() -> int:
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not Linux
+        return 100
+
+
+def native_threads_cpu_seconds(task_dir: Path = Path("/proc/self/task")) -> float | None:
+    """CPU seconds (user + system) of this process's live threads that Python's ``threading`` did not start.
+
+    Those are the engines' runtime pools (ONNX Runtime's intra-op threads) and numeric libraries' (BLAS):
+    work done on behalf of inference that the calling thread's CPU time does not include. ``None`` where
+    ``/proc`` is not there. A thread that ended takes its CPU time with it, so the value can drop.
+    """
+    python = {t.native_id for t in threading.enumerate()}
+    try:
+        entries = list(os.scandir(task_dir))
+    except OSError:
+        return None
+    ticks = 0
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) in python:
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "tid (comm) ": fields[0] is the state
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / _clock_ticks()
+
+
+class NativeThreadsCollector(Collector):
+    """``edged_native_threads_cpu_seconds`` at scrape time (see :func:`native_threads_cpu_seconds`)."""
+
+    def __init__(self, task_dir: Path = Path("/proc/self/task")) -> None:
+        self.task_dir = task_dir
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        value = native_threads_cpu_seconds(self.task_dir)
+        if value is not None:
+            yield GaugeMetricFamily(
+                "edged_native_threads_cpu_seconds",
+                "CPU seconds of live threads not started by Python (ONNX Runtime's pool, BLAS): inference work "
+                "outside the batcher thread. Drops if such a thread ends.", value=value)
 
 
 class GpuCollector(Collector):
@@ -137,6 +192,12 @@ class Metrics:
             "edged_stage_seconds",
             "Time spent per pipeline stage (preprocess, queue_wait, inference, postprocess, commit, object_write,"
             " delivery).", ["model", "stage"], buckets=_LATENCY + (60.0,), registry=r)
+        self.stage_cpu_seconds = Counter(
+            "edged_stage_cpu_seconds",
+            "CPU time (time.thread_time) of the thread that ran a stage: receive (C-STORE handler), control (series"
+            " completion, job claims), preprocess, inference (the batcher thread), postprocess, commit,"
+            " object_write, delivery. Engine pools' threads: edged_native_threads_cpu_seconds.",
+            ["model", "stage"], registry=r)
         self.engine_info = Gauge("edged_engine_info", "Active engines (value 1), with their model version, backend"
                                  " and precision.", ["model", "version", "backend", "precision"], registry=r)
         self.engine_available = Gauge(
@@ -156,6 +217,11 @@ class Metrics:
             buckets=_END_TO_END, registry=r)
         self.gpu = GpuCollector()
         r.register(self.gpu)
+        r.register(NativeThreadsCollector())
+
+    def add_cpu(self, model: str, stage: str, since: float) -> None:
+        """Count the calling thread's CPU time since ``since`` (a ``time.thread_time()``) for ``stage``."""
+        self.stage_cpu_seconds.labels(model, stage).inc(max(0.0, time.thread_time() - since))
 
     def watch_state(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
         """Export journal and spool state read by ``snapshot`` at each scrape."""

@@ -194,11 +194,12 @@ class StoreHandler:
         return _failure(code, comment)
 
     def on_store(self, event: evt.Event) -> int | Dataset:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return self._store(event)
         finally:
             self.metrics.store_seconds.observe(time.perf_counter() - t0)
+            self.metrics.add_cpu("-", "receive", c0)
 
     def _store(self, event: evt.Event) -> int | Dataset:
         stats = self._stats_for(event.assoc)

@@ -134,8 +134,12 @@ class ModelLane:
         self.engine = engine
         self.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix=f"prep-{spec.name}")
         m = metrics
+        counted = [0.0]  # the batcher thread's CPU time already counted (on_batch runs on that thread)
 
         def on_batch(size: int, seconds: float, waited: float) -> None:
+            now = time.thread_time()
+            m.stage_cpu_seconds.labels(spec.name, "inference").inc(max(0.0, now - counted[0]))
+            counted[0] = now
             m.inference_requests.labels(spec.name).inc(size)
             m.batch_size.labels(spec.name).observe(size)
             m.stage_seconds.labels(spec.name, "inference").observe(seconds)
@@ -237,6 +241,13 @@ class Pipeline:
             self._wake.clear()
 
     def _tick(self) -> None:
+        c0 = time.thread_time()
+        try:
+            self._tick_once()
+        finally:
+            self.metrics.add_cpu("all", "control", c0)
+
+    def _tick_once(self) -> None:
         # Series completion and lease expiry are clocks: check them every poll_seconds, not on every wake
         # (the listener wakes the loop once per stored instance); claiming runs on every wake.
         now = time.monotonic()
@@ -266,7 +277,7 @@ class Pipeline:
     # -- reports (SR / SEG) -----------------------------------------------------------------------
 
     def _report(self, job: Job) -> None:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.thread_time()
         try:
             spec = self.models.get(job.model)
             if spec is None or spec.version != job.model_version:
@@ -275,6 +286,7 @@ class Pipeline:
             if self.journal.finish_report(job, records, self.destinations):
                 self.metrics.reports.labels(job.model, "done").inc()
                 self.metrics.stage_seconds.labels(job.model, "object_write").observe(time.monotonic() - t0)
+                self.metrics.add_cpu(job.model, "object_write", c0)
                 logs.event(log, logging.INFO, "report.written", job=job.id, model=job.model,
                            objects=len(records), generation=job.generation)
                 if self.on_results is not None:
@@ -292,7 +304,7 @@ class Pipeline:
     # -- one job ----------------------------------------------------------------------------------
 
     def _prepare(self, lane: ModelLane, job: Job) -> None:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.thread_time()
         try:
             load = _instance_input if job.level == "instance" else _series_input
             prepared = load(self.spool, self.journal, lane.spec, job)
@@ -300,6 +312,7 @@ class Pipeline:
             self._fail(lane, job, exc)
             return
         self.metrics.stage_seconds.labels(lane.spec.name, "preprocess").observe(time.monotonic() - t0)
+        self.metrics.add_cpu(lane.spec.name, "preprocess", c0)
 
         def complete(outputs: Outputs | None, err: BaseException | None) -> None:
             if err is not None:
@@ -312,7 +325,7 @@ class Pipeline:
             lane.batcher.submit(Request(plane, collector.callback(i)))
 
     def _postprocess(self, lane: ModelLane, job: Job, prepared: Prepared, outputs: Outputs) -> None:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.thread_time()
         spec = lane.spec
         try:
             findings: list[Finding] = []
@@ -337,6 +350,7 @@ class Pipeline:
             self._fail(lane, job, exc)
             return
         self.metrics.stage_seconds.labels(spec.name, "postprocess").observe(time.monotonic() - t0)
+        self.metrics.add_cpu(spec.name, "postprocess", c0)
         self._results.put((JobResult(job, records, prepared.sources), masks))
         lane.done()
 
@@ -380,7 +394,7 @@ class Pipeline:
                 self._commit(batch)
 
     def _commit(self, batch: list[tuple[JobResult, list[str]]]) -> None:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.thread_time()
         try:
             finished = set(self.journal.finish_jobs([r for r, _ in batch]))
         except Exception:
@@ -407,6 +421,7 @@ class Pipeline:
                 for m in masks:
                     self.spool.remove(m)
         self.metrics.stage_seconds.labels("all", "commit").observe(time.monotonic() - t0)
+        self.metrics.add_cpu("all", "commit", c0)
         self._wake.set()
         if finished and self.on_jobs_done is not None:
             self.on_jobs_done(sorted(finished))

@@ -139,7 +139,7 @@ class Sender:
         for d in due:
             if self._stop.is_set():
                 break
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), time.thread_time()
             try:
                 rsp = assoc.send_c_store(self.spool.path(d.path))
                 code = int(rsp.Status) if rsp is not None and "Status" in rsp else None
@@ -161,6 +161,7 @@ class Sender:
                                      destination=self.dest.name, status=status, delivery=d.id)
                 self.metrics.deliveries.labels(self.dest.name, "delivered").inc()
                 self.metrics.stage_seconds.labels("all", "delivery").observe(time.monotonic() - t0)
+                self.metrics.add_cpu("all", "delivery", c0)
                 if code != 0:
                     self.metrics.deliveries.labels(self.dest.name, "warning").inc()
                     logs.event(log, logging.WARNING, "delivery.warning", destination=self.dest.name, status=status,

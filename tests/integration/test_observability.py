@@ -108,6 +108,13 @@ def test_dashboard_queries_evaluate_and_key_panels_have_data(edged_factory, prom
                 assert name.endswith("_total"), name
         assert {"edged_instances_received_total", "edged_stage_seconds", "edged_end_to_end_seconds",
                 "edged_engine_info", "edged_jobs"} <= {n for n, _ in names}
+        # CPU time per stage (benchmarks/e2e.py's table): every stage this push went through counted some
+        cpu = {stage: float(v) for stage, v in re.findall(
+            r'^edged_stage_cpu_seconds_total\{model="[^"]*",stage="([a-z_]+)"\} (\S+)$', text, re.M)}
+        for stage in ("receive", "control", "preprocess", "inference", "postprocess", "commit", "object_write",
+                      "delivery"):
+            assert cpu.get(stage, 0.0) > 0.0, (stage, cpu)
+        assert re.search(r"^edged_native_threads_cpu_seconds \S+$", text, re.M)
         for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in files):
             for secret in (str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.PatientID)):
                 assert secret not in text
