@@ -77,6 +77,16 @@ def _upsample(mask: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return mask[:, ri][:, :, ci]
 
 
+def _max_under_mask(p: np.ndarray, low: np.ndarray, rows: int, columns: int) -> float:
+    """The highest probability under the source-resolution mask: the nearest-neighbour upsampling only
+    repeats model pixels, so it is the highest over the model pixels it uses that pass the threshold."""
+    _, h, w = p.shape
+    ri = np.unique((np.arange(rows) * h) // rows)
+    ci = np.unique((np.arange(columns) * w) // columns)
+    used = p[:, ri][:, :, ci]
+    return float(used[low[:, ri][:, :, ci]].max())
+
+
 def segment(outputs: np.ndarray, activation: str, labels: list[Label], geometries: list[Geometry],
             slice_spacing: float | None) -> list[Finding]:
     """Segmentation outputs ``(planes, classes, h, w)`` to masks at source resolution with measurements:
@@ -88,32 +98,43 @@ def segment(outputs: np.ndarray, activation: str, labels: list[Label], geometrie
     findings = []
     for label in labels:
         p = probs[:, label.channel]
-        mask = _upsample(p >= label.threshold, rows, cols)
-        present = bool(mask.any())
+        low = p >= label.threshold
+        mask = _upsample(low, rows, cols)
+        present = bool(low.any()) and bool(mask.any())
         prob = float(p.max()) if p.size else 0.0
-        m: dict[str, Any] = {"threshold": label.threshold, "pixels": int(mask.sum())}
+        m: dict[str, Any] = {"threshold": label.threshold}
+        # Per-plane row and column counts of the mask: area, bounding box and centroids from them in
+        # integer arithmetic, without listing every mask pixel or upsampling the probabilities.
+        per_row = mask.sum(axis=2, dtype=np.int64)  # (planes, rows)
+        per_col = mask.sum(axis=1, dtype=np.int64)  # (planes, columns)
+        per_plane = per_row.sum(axis=1)
+        total = int(per_plane.sum())
+        m["pixels"] = total
         if present:
-            s_idx, r_idx, c_idx = np.nonzero(mask)
-            m["bbox"] = {"planes": [int(s_idx.min()), int(s_idx.max())], "rows": [int(r_idx.min()), int(r_idx.max())],
-                         "columns": [int(c_idx.min()), int(c_idx.max())]}
-            up = _upsample(p, rows, cols)
-            prob = float(up[mask].max())
+            planes = np.flatnonzero(per_plane)
+            rows_hit = np.flatnonzero(per_row.any(axis=0))
+            cols_hit = np.flatnonzero(per_col.any(axis=0))
+            m["bbox"] = {"planes": [int(planes[0]), int(planes[-1])], "rows": [int(rows_hit[0]), int(rows_hit[-1])],
+                         "columns": [int(cols_hit[0]), int(cols_hit[-1])]}
+            prob = _max_under_mask(p, low, rows, cols)
             spacing = g0.spacing
             if spacing is not None:
                 pixel_mm2 = spacing[0] * spacing[1]
                 if mask.shape[0] == 1:
-                    m["area_mm2"] = float(mask.sum() * pixel_mm2)
+                    m["area_mm2"] = float(total * pixel_mm2)
                 elif slice_spacing:
-                    m["volume_mm3"] = float(mask.sum() * pixel_mm2 * slice_spacing)
+                    m["volume_mm3"] = float(total * pixel_mm2 * slice_spacing)
+            row_sums = per_row @ np.arange(rows, dtype=np.int64)
+            col_sums = per_col @ np.arange(cols, dtype=np.int64)
             points, weights = [], []
-            for s in np.unique(s_idx):
-                sel = s_idx == s
-                pt = geometries[min(int(s), len(geometries) - 1)].to_patient(float(r_idx[sel].mean()),
-                                                                              float(c_idx[sel].mean()))
+            for s in planes:
+                n = int(per_plane[s])
+                pt = geometries[min(int(s), len(geometries) - 1)].to_patient(float(row_sums[s] / n),
+                                                                              float(col_sums[s] / n))
                 if pt is not None:
                     points.append(pt)
-                    weights.append(int(sel.sum()))
-            if points and len(points) == len(np.unique(s_idx)):
+                    weights.append(n)
+            if points and len(points) == len(planes):
                 c = np.average(np.array(points), axis=0, weights=weights)
                 m["centroid_mm"] = [round(float(v), 3) for v in c]
         findings.append(Finding(label.name, present, prob, m, mask))

@@ -70,3 +70,28 @@ def test_non_finite_outputs_are_refused_not_recorded() -> None:
     geometry = Geometry(None, None, None, 4, 4)
     with pytest.raises(ValueError, match="finite"):
         segment(np.full((1, 1, 4, 4), np.nan, dtype=np.float32), "sigmoid", [NODULE], [geometry], None)
+
+
+def test_segmentation_measurements_match_a_pixel_by_pixel_count() -> None:
+    """Bounding box, pixel count, probability and centroid equal a brute-force computation over every
+    mask pixel, for a multi-plane volume upsampled by a non-integer factor (64 -> 100)."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(-4.0, 1.0, size=(6, 1, 64, 64)).astype(np.float32)
+    logits[1:4, 0, 10:20, 30:41] += 8.0
+    geoms = [Geometry((-120.0, -90.0, 10.0 + 2.0 * i), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (0.8, 0.6), 100, 100)
+             for i in range(6)]
+    (f,) = segment(logits, "sigmoid", [NODULE], geoms, 2.0)
+    probs = activate(logits, "sigmoid")[:, 0]
+    ri, ci = (np.arange(100) * 64) // 100, (np.arange(100) * 64) // 100
+    up = probs[:, ri][:, :, ci]
+    mask = up >= 0.5
+    assert np.array_equal(f.mask, mask)
+    s, r, c = np.nonzero(mask)
+    assert f.measurements["pixels"] == len(s)
+    assert f.measurements["bbox"] == {"planes": [s.min(), s.max()], "rows": [r.min(), r.max()],
+                                      "columns": [c.min(), c.max()]}
+    assert f.probability == float(up[mask].max())
+    assert abs(f.measurements["volume_mm3"] - len(s) * 0.8 * 0.6 * 2.0) < 1e-9
+    points = np.array([geoms[k].to_patient(r[s == k].mean(), c[s == k].mean()) for k in np.unique(s)])
+    expected = np.average(points, axis=0, weights=[np.sum(s == k) for k in np.unique(s)])
+    np.testing.assert_allclose(f.measurements["centroid_mm"], expected, atol=1e-3)
