@@ -79,14 +79,12 @@ class EdgedProcess:
         self.port = 0
         self.http_port = 0
         self.starts = 0
-        #: A command the daemon is started under (e.g. one that enters a namespace first); empty: none.
-        self.wrapper: list[str] = []
 
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> "EdgedProcess":
         self.starts += 1
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*self.wrapper, sys.executable, "-m", "edged", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", "edged", "serve", "--config", str(self.config)],
             stdout=log, stderr=log, cwd=self.workdir, env={**os.environ, **(env or {})},
         )
         log.close()
