@@ -26,6 +26,7 @@ from edged.synthetic import chest_phantom, ct_slice
 SIZE = 256
 CLASSIFIER = "ct-nodule-cls"
 PROBABILITY = "122157"  # DCM "Probability"
+IMAGE_LIBRARY = "111028"  # DCM "Image Library"
 
 
 def write_small_series(folder: Path, series: int, count: int, pool: list[np.ndarray]) -> list[Path]:
@@ -46,6 +47,12 @@ def write_small_series(folder: Path, series: int, count: int, pool: list[np.ndar
 def phantom_pool(n: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [chest_phantom(rng, size=SIZE, nodules=1 if i % 3 == 0 else 0)[0] for i in range(n)]
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """A Part 10 file's data set, after the preamble and the file meta group (whose length it gives)."""
+    assert data[128:132] == b"DICM" and data[132:138] == b"\x02\x00\x00\x00UL"
+    return data[144 + int.from_bytes(data[140:144], "little"):]
 
 
 def sop_uid(path: Path) -> str:
@@ -158,6 +165,8 @@ def probability_refs(sr: pydicom.Dataset) -> list[str]:
     def walk(items: Any) -> None:
         for item in items:
             name = item.get("ConceptNameCodeSequence")
+            if name and name[0].CodeValue == IMAGE_LIBRARY:
+                continue  # only image references there (hundreds): slow to walk, no measurements
             if (item.get("ValueType") == "NUM" and name and name[0].CodeValue == PROBABILITY
                     and "ContentSequence" in item):
                 for sub in item.ContentSequence:

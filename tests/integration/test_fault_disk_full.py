@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from faults import phantom_pool, write_small_series
+from faults import dataset_bytes, phantom_pool, write_small_series
 from smallfs import SmallFs, free_bytes, rerun_unprivileged, write_ballast
 from support import EdgedProcess, require_tool, run
 
@@ -23,12 +23,6 @@ from edged.errors import JournalError
 from edged.spool.journal import InstanceRecord, Journal, Route
 
 MIB = 1 << 20
-
-
-def dataset_bytes(data: bytes) -> bytes:
-    """A Part 10 file's data set, after the preamble and the file meta group (whose length it gives)."""
-    assert data[128:132] == b"DICM" and data[132:138] == b"\x02\x00\x00\x00UL"
-    return data[144 + int.from_bytes(data[140:144], "little"):]
 
 
 PAGE = 4096  # tmpfs allocates whole pages

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from faults import (stop_orthanc, CLASSIFIER, add_destination, edged_cli, metric, metrics_text, orthanc_datasets, phantom_pool,
-                    wait_all_delivered, write_small_series)
+from faults import (CLASSIFIER, add_destination, edged_cli, metric, metrics_text, orthanc_datasets, phantom_pool,
+                    stop_orthanc, wait_all_delivered, write_small_series)
 from orthanc import Orthanc
 from support import PIPELINE, storescu
 
