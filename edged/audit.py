@@ -4,6 +4,10 @@ One object per line: ``ts`` (UTC, ISO 8601), ``event`` and fixed fields. Associa
 they end (calling and called AE, peer address, counts); stored instances and delivered results are
 recorded with a *reference*: a keyed hash of the SOP Instance UID (HMAC-SHA-256 with a key kept beside
 the journal), so an auditor holding a UID can confirm its line, while the log alone reveals none.
+
+A full disk never turns into a DICOM failure: a line that cannot be written is dropped (a partial line
+is cut off again, so the file stays valid JSON lines), ``audit.write_failed`` is logged once, and
+``audit.write_resumed`` says how many were dropped when writing works again.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -18,7 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edged import logs
+
 KEY_NAME = "audit.key"
+log = logging.getLogger("edged.audit")
 
 
 class AuditLog:
@@ -27,7 +35,9 @@ class AuditLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._key = self._load_key(key_dir / KEY_NAME)
         self._lock = threading.Lock()
-        self._fh = path.open("a", encoding="utf-8")
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+        self._dropped = 0
 
     @staticmethod
     def _load_key(path: Path) -> bytes:
@@ -46,13 +56,34 @@ class AuditLog:
     def write(self, event: str, **fields: Any) -> None:
         record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
                   "event": event, **fields}
-        line = json.dumps(record, sort_keys=True, separators=(",", ":"))
+        data = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            if self._fh.closed:
+            if self._fd is None:
                 return
-            self._fh.write(line + "\n")
-            self._fh.flush()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                self._drop(exc)
+                return
+            self._size += len(data)
+            if self._dropped:
+                logs.event(log, logging.WARNING, "audit.write_resumed", dropped=self._dropped)
+                self._dropped = 0
+
+    def _drop(self, exc: OSError) -> None:
+        try:
+            os.ftruncate(self._fd, self._size)  # type: ignore[arg-type]  # cut a partial line off
+        except OSError:
+            pass
+        self._dropped += 1
+        if self._dropped == 1:
+            logs.event(log, logging.WARNING, "audit.write_failed", errno=exc.errno,
+                       note="audit records are dropped until the log can be written again")
 
     def close(self) -> None:
         with self._lock:
-            self._fh.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

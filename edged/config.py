@@ -216,7 +216,10 @@ class Destination:
 
 @dataclass(frozen=True)
 class OutboxConfig:
-    """``[outbox]``: delivery retries and spool retention."""
+    """``[outbox]``: delivery retries and spool retention.
+
+    Transient failures (destination down or busy) retry until ``max_age_seconds``; permanent ones (the
+    destination refuses the object or the sender) are dead after ``max_attempts`` attempts."""
 
     retry_base_seconds: float = field(default=5.0, metadata=meta(in_range(0.01, 86400)))
     retry_max_seconds: float = field(default=600.0, metadata=meta(in_range(0.01, 86400)))

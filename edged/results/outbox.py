@@ -4,8 +4,15 @@ Deliveries live in the journal (one per result x destination). One sender thread
 takes the deliveries that are due, sends them over one association it keeps open while there is work
 (and releases after ``association_idle_seconds``), and records each outcome: Success (and Warning,
 logged and counted) is delivered; a failure is retried after an exponential back-off with jitter
-(``retry_base_seconds`` doubling up to ``retry_max_seconds``); after ``max_attempts`` or ``max_age``
-a delivery is dead, kept with its reason until an operator retries it (``edged outbox retry``).
+(``retry_base_seconds`` doubling up to ``retry_max_seconds``).
+
+Failures are transient or permanent. Transient: the PACS is down or busy (connection refused or timed
+out, association aborted or lost, association rejected-transient, C-STORE 0xA7xx Out of Resources);
+these retry with the capped back-off until ``max_age_seconds``, however many attempts that takes, so an
+outage of minutes or hours never dead-letters a result. Permanent: the PACS refuses this object or this
+sender (association rejected-permanent, e.g. an unknown AE title; no presentation context for the SOP
+class; any other C-STORE failure status); after ``max_attempts`` attempts such a delivery is dead,
+kept with its reason until an operator retries it (``edged outbox retry``).
 """
 
 from __future__ import annotations
@@ -34,9 +41,33 @@ BATCH = 32
 
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Seconds before attempt ``attempt + 1``: full jitter over an exponential ceiling."""
-    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    """Seconds before attempt ``attempt + 1``: full jitter over an exponential ceiling.
+
+    The exponent is bounded: transient failures retry without an attempt limit, and ``2 ** 1100`` does
+    not fit a float."""
+    ceiling = min(cap, base * (2.0 ** min(max(0, attempt - 1), 60)))
     return rng.uniform(ceiling / 2, ceiling)
+
+
+class AssociationFailed(ConnectionError):
+    """No association with the destination; ``transient`` unless it rejected us permanently."""
+
+    def __init__(self, reason: str, transient: bool) -> None:
+        super().__init__(reason)
+        self.transient = transient
+
+
+def status_is_transient(code: int) -> bool:
+    """C-STORE failure statuses worth retrying without limit: Refused, Out of Resources (0xA7xx)."""
+    return code & 0xFF00 == 0xA700
+
+
+def error_is_transient(exc: BaseException) -> bool:
+    """An exception while associating or sending: permanent only when the destination refused us for
+    good, has no presentation context for the object (pynetdicom's ValueError), or the file is gone."""
+    if isinstance(exc, AssociationFailed):
+        return exc.transient
+    return not isinstance(exc, (ValueError, FileNotFoundError))
 
 
 class Sender:
@@ -93,7 +124,12 @@ class Sender:
             tls = (ctx, None)
         assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls)
         if not assoc.is_established:
-            raise ConnectionError("association rejected" if assoc.is_rejected else "association failed")
+            if assoc.is_rejected:
+                result = getattr(assoc.acceptor.primitive, "result", None)
+                transient = result == 0x02  # rejected-transient (busy); 0x01 is rejected-permanent
+                raise AssociationFailed(f"association rejected ({'transient' if transient else 'permanent'})",
+                                        transient)
+            raise AssociationFailed("association failed", True)
         self._assoc = assoc
         return assoc
 
@@ -134,7 +170,7 @@ class Sender:
             assoc = self._associate(contexts)
         except Exception as exc:
             for d in due:
-                self._failed(d, f"{type(exc).__name__}: {exc}", None)
+                self._failed(d, f"{type(exc).__name__}: {exc}", None, error_is_transient(exc))
             return
         for d in due:
             if self._stop.is_set():
@@ -144,12 +180,12 @@ class Sender:
                 rsp = assoc.send_c_store(self.spool.path(d.path))
                 code = int(rsp.Status) if rsp is not None and "Status" in rsp else None
             except Exception as exc:
-                self._failed(d, f"{type(exc).__name__}: {exc}", None)
+                self._failed(d, f"{type(exc).__name__}: {exc}", None, error_is_transient(exc))
                 self._release()
                 return
             self._last_used = time.monotonic()
             if code is None:
-                self._failed(d, "no response (association lost)", None)
+                self._failed(d, "no response (association lost)", None, True)
                 self._release()
                 return
             status = f"0x{code:04X}"
@@ -167,12 +203,14 @@ class Sender:
                     logs.event(log, logging.WARNING, "delivery.warning", destination=self.dest.name, status=status,
                                delivery=d.id)
             else:
-                self._failed(d, f"C-STORE status {status}", status)
+                self._failed(d, f"C-STORE status {status}", status, status_is_transient(code))
 
-    def _failed(self, d: Delivery, error: str, status: str | None) -> None:
+    def _failed(self, d: Delivery, error: str, status: str | None, transient: bool) -> None:
+        """Record a failed attempt. Transient failures retry until ``max_age_seconds``; permanent ones are
+        dead after ``max_attempts`` attempts (all attempts count, transient ones included)."""
         attempts = d.attempts + 1
         too_old = time.time() - d.created_at > self.cfg.max_age_seconds
-        if attempts >= self.cfg.max_attempts or too_old:
+        if too_old or (not transient and attempts >= self.cfg.max_attempts):
             nxt = None
             self.metrics.deliveries.labels(self.dest.name, "dead").inc()
         else:
@@ -183,7 +221,8 @@ class Sender:
             self.audit.write("result.dead", ref=self.audit.ref(d.sop_instance_uid), destination=self.dest.name,
                              attempts=attempts, delivery=d.id)
         logs.event(log, logging.WARNING, "delivery.failed", destination=self.dest.name, delivery=d.id,
-                   attempt=attempts, state="dead" if nxt is None else "retry", error=error.split(":")[0])
+                   attempt=attempts, state="dead" if nxt is None else "retry", error=error.split(":")[0],
+                   failure="transient" if transient else "permanent")
 
 
 class Outbox:
