@@ -226,6 +226,8 @@ class OutboxConfig:
     max_attempts: int = field(default=50, metadata=meta(in_range(1, 100000)))
     max_age_seconds: float = field(default=7 * 86400.0, metadata=meta(in_range(1, 365 * 86400)))
     retention_seconds: float = field(default=86400.0, metadata=meta(in_range(0, 365 * 86400)))
+    #: how long the journal keeps the record (jobs, findings, deliveries) of a wholly purged series
+    history_seconds: float = field(default=7 * 86400.0, metadata=meta(in_range(0, 3650 * 86400)))
     association_idle_seconds: float = field(default=10.0, metadata=meta(in_range(0, 3600)))
 
 

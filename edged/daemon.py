@@ -202,11 +202,15 @@ class Daemon:
         """Delete what every destination has (see Journal.purge), once retention has passed."""
         if self.journal is None or self.spool is None:
             return
-        instances, results = self.journal.purge(time.time() - self.cfg.outbox.retention_seconds)
-        for relpath in instances + results:
+        instances, results, masks = self.journal.purge(time.time() - self.cfg.outbox.retention_seconds)
+        for relpath in instances + results + masks:
             self.spool.remove(relpath)
-        if instances or results:
-            logs.event(log, logging.INFO, "retention.purged", instances=len(instances), results=len(results))
+        if instances or results or masks:
+            logs.event(log, logging.INFO, "retention.purged", instances=len(instances), results=len(results),
+                       masks=len(masks))
+        forgotten = self.journal.forget(time.time() - self.cfg.outbox.history_seconds)
+        if forgotten:
+            logs.event(log, logging.INFO, "retention.forgotten", series=forgotten)
 
     def main_loop(self) -> None:
         interval = sdnotify.watchdog_interval()

@@ -642,8 +642,9 @@ class Journal:
                 " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
                 (error[:300], status, now, next_attempt_at, next_attempt_at, delivery_id))
 
-    def purge(self, older_than: float) -> tuple[list[str], list[str]]:
-        """Mark what retention may delete as ``purged``; returns (instance paths, result paths) to remove.
+    def purge(self, older_than: float) -> tuple[list[str], list[str], list[str]]:
+        """Mark what retention may delete as ``purged``; returns (instance paths, result paths, mask paths)
+        to remove. A series' masks go with its last instance (its reports are written and delivered).
 
         A result goes once every delivery of it succeeded. An instance goes once its jobs are all finished,
         every report on its series is written and every result of its series delivered. Both only after
@@ -671,7 +672,46 @@ class Journal:
                 (older_than,)).fetchall()
             conn.executemany("UPDATE results SET state = 'purged' WHERE id = ?", [(r[0],) for r in results])
             conn.executemany("UPDATE instances SET state = 'purged' WHERE id = ?", [(r[0],) for r in instances])
-        return [r[1] for r in instances], [r[1] for r in results]
+            masks: list[tuple[int, str]] = []
+            if instances:
+                masks = conn.execute(
+                    "SELECT f.id, f.mask_path FROM findings f JOIN jobs j ON j.id = f.job_id"
+                    " WHERE f.mask_path IS NOT NULL AND j.series_instance_uid IN"
+                    "  (SELECT DISTINCT series_instance_uid FROM instances WHERE state = 'purged')"
+                    " AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.series_instance_uid = j.series_instance_uid"
+                    "   AND i.state != 'purged')").fetchall()
+                conn.executemany("UPDATE findings SET mask_path = NULL WHERE id = ?", [(m[0],) for m in masks])
+        return [r[1] for r in instances], [r[1] for r in results], [m[1] for m in masks]
+
+    def forget(self, older_than: float, limit: int = 500) -> int:
+        """Delete the journal's rows of series that retention has wholly purged and that last received an
+        instance before ``older_than`` (a time): instances, jobs, findings, results, deliveries. Returns
+        how many series were forgotten. Without this the journal grows ~1.4 KB per instance for ever.
+        An instance of a forgotten series that arrives again is a new instance to edged (it is
+        processed and reported again, under the same derived UIDs)."""
+        unfinished = ",".join(f"'{s}'" for s in UNFINISHED_JOB_STATES)
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT s.series_instance_uid FROM series s WHERE s.state != 'open' AND s.last_received < ?"
+                " AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.series_instance_uid = s.series_instance_uid"
+                "   AND i.state != 'purged')"
+                " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.series_instance_uid = s.series_instance_uid"
+                "   AND r.state != 'purged')"
+                f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid"
+                f"   AND j.state IN ({unfinished}))"
+                " AND NOT EXISTS (SELECT 1 FROM findings f JOIN jobs j ON j.id = f.job_id"
+                "   WHERE j.series_instance_uid = s.series_instance_uid AND f.mask_path IS NOT NULL)"
+                " LIMIT ?", (older_than, limit)).fetchall()
+            for (uid,) in rows:
+                # children before parents (deliveries -> results -> jobs <- findings)
+                conn.execute("DELETE FROM deliveries WHERE result_id IN"
+                             " (SELECT id FROM results WHERE series_instance_uid = ?)", (uid,))
+                conn.execute("DELETE FROM results WHERE series_instance_uid = ?", (uid,))
+                conn.execute("DELETE FROM findings WHERE job_id IN (SELECT id FROM jobs WHERE series_instance_uid = ?)",
+                             (uid,))
+                for table in ("jobs", "instances", "series_models", "series"):
+                    conn.execute(f"DELETE FROM {table} WHERE series_instance_uid = ?", (uid,))
+        return len(rows)
 
     def result_paths(self) -> set[str]:
         with self._lock:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.spool.journal import FindingRecord, InstanceRecord, JobResult, Journal, Route, read_counts
+from edged.spool.journal import FindingRecord, InstanceRecord, JobResult, Journal, Route, list_deliveries, read_counts
 
 CLS = Route("cls", "1", "instance")
 SEG = Route("seg", "1", "series")
@@ -149,17 +149,51 @@ def _report_done(j: Journal, destinations: list[str]) -> None:
 def test_retention_waits_for_every_delivery(j: Journal) -> None:
     _report_done(j, ["pacs", "archive"])
     later = time.time() + 3600
-    assert j.purge(older_than=later) == ([], [])  # nothing delivered yet
+    assert j.purge(older_than=later) == ([], [], [])  # nothing delivered yet
     (first,) = j.due_deliveries("pacs", 10)
     j.delivered(first.id, "0x0000")
-    assert j.purge(older_than=later) == ([], [])  # one destination still waiting
+    assert j.purge(older_than=later) == ([], [], [])  # one destination still waiting
     (second,) = j.due_deliveries("archive", 10)
     j.delivered(second.id, "0x0000")
-    assert j.purge(older_than=time.time() - 3600) == ([], [])  # retention not passed yet
-    assert j.purge(older_than=later) == (["spool/instances/1.dcm"], ["spool/results/x.dcm"])
+    assert j.purge(older_than=time.time() - 3600) == ([], [], [])  # retention not passed yet
+    assert j.purge(older_than=later) == (["spool/instances/1.dcm"], ["spool/results/x.dcm"], [])
     assert "spool/instances/1.dcm" not in j.instance_paths()  # reconcile will not call it missing
+
+
+def test_history_of_a_purged_series_is_forgotten_after_its_time(j: Journal) -> None:
+    _report_done(j, ["pacs"])
+    j.add_instance(rec("2", series="9.2"), [CLS])  # another series, still being worked on
+    assert j.forget(older_than=time.time() + 3600) == 0  # nothing purged yet: nothing forgotten
+    (d,) = j.due_deliveries("pacs", 10)
+    j.delivered(d.id, "0x0000")
+    j.purge(older_than=time.time() + 3600)
+    assert j.forget(older_than=time.time() - 3600) == 0  # its history time has not passed
+    assert j.forget(older_than=time.time() + 3600) == 1
+    assert j.findings() == [] and not j.has_instance("1")
+    assert list_deliveries(j.path.parent) == []
+    assert j.has_instance("2") and j.pending == 1  # the other series is untouched
+    j.add_instance(rec("1"), [CLS])  # sent again after it was forgotten: a new instance with a new job
+    assert len(j.claim_jobs("cls", 10, 60, "t")) == 2
+
+
+def test_masks_go_with_the_last_instance_of_their_series(j: Journal) -> None:
+    seg = Route("seg", "1", "series")
+    j.add_instance(rec("1"), [seg])
+    j.complete_series(quiet_seconds=0, now=time.time() + 1)
+    (job,) = j.claim_jobs("seg", 1, 60, "t")
+    j.finish_jobs([JobResult(job, [FindingRecord("lesion", True, 0.9, {}, "spool/masks/m.npz")], ["1"])])
+    (report,) = j.claim_jobs(None, 1, 60, "t", reports=True)
+    from edged.spool.journal import ResultRecord
+
+    j.finish_report(report, [ResultRecord("seg", "1.2.840.10008.5.1.4.1.1.66.4", "9.9.8", "spool/results/s.dcm")],
+                    ["pacs"])
+    (d,) = j.due_deliveries("pacs", 10)
+    j.delivered(d.id, "0x0000")
+    assert j.purge(older_than=time.time() + 3600) == (["spool/instances/1.dcm"], ["spool/results/s.dcm"],
+                                                      ["spool/masks/m.npz"])
+    assert j.mask_paths() == set()
 
 
 def test_nothing_is_purged_without_a_destination(j: Journal) -> None:
     _report_done(j, [])
-    assert j.purge(older_than=time.time() + 3600) == ([], [])
+    assert j.purge(older_than=time.time() + 3600) == ([], [], [])
