@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 
 import pytest
 from pynetdicom import AE
@@ -69,6 +70,9 @@ def test_association_outcomes_against_a_real_scp() -> None:
     try:
         wrong = _associate_error(_sender(port, "OTHER"))
         assert not wrong.transient and "permanent" in str(wrong)
+        deadline = time.monotonic() + 10
+        while server.active_associations and time.monotonic() < deadline:  # the rejected one has gone
+            time.sleep(0.01)
         holder = AE(ae_title="HOLDER")
         holder.add_requested_context(Verification)
         held = holder.associate("127.0.0.1", port, ae_title="PACS")
