@@ -55,7 +55,8 @@ class Orthanc:
         shim = loopback_shim(self.workdir)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([require_tool("Orthanc"), str(self.config)], stdout=log, stderr=log,
-                                         env={**os.environ, "LD_PRELOAD": str(shim)})
+                                         # Orthanc's DICOM side is Debian's DCMTK: Nagle off, as for storescp
+                                         env={**os.environ, "LD_PRELOAD": str(shim), "TCP_NODELAY": "1"})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
