@@ -14,7 +14,6 @@ its own group is durable.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable, Sequence
 
 from edged.errors import JournalError
 from edged.spool.journal import InstanceRecord, Journal, Route
+from edged.spool.store import fsync_dir
 
 log = logging.getLogger("edged.spool")
 
@@ -36,14 +36,6 @@ class _Pending:
     done: bool = False
     error: BaseException | None = None
     added: bool = False
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GroupCommit:

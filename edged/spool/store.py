@@ -32,7 +32,8 @@ TMP_DIR = "tmp"
 TMP_SUFFIX = ".part"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that a rename or unlink in it is durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -60,7 +61,7 @@ def _make_dir(path: Path) -> None:
         p = p.parent
     for d in reversed(missing):
         d.mkdir(mode=0o750, exist_ok=True)
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Spool:
         """Rename a written temp file to its final name and fsync the directory."""
         final = self.storage_dir / relpath
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
 
     def discard(self, tmp: Path) -> None:
@@ -174,7 +175,7 @@ class Spool:
         path = self.storage_dir / relpath
         try:
             path.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except FileNotFoundError:
             pass
 
@@ -203,7 +204,7 @@ class Spool:
                 p.unlink(missing_ok=True)
                 removed += 1
         if removed:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         return removed
 
     def reconcile(self, recorded: set[str]) -> ReconcileReport:
@@ -231,8 +232,8 @@ class Spool:
                 p.unlink(missing_ok=True)
                 removed_unrecorded += 1
         if removed_temp:
-            _fsync_dir(self.tmp)
+            fsync_dir(self.tmp)
         if removed_unrecorded:
-            _fsync_dir(self.instances)
+            fsync_dir(self.instances)
         missing = sorted(r for r in recorded if r.startswith(prefix) and r not in on_disk)
         return ReconcileReport(removed_temp, removed_unrecorded, missing)
