@@ -268,7 +268,8 @@ def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     try:
         if pacs is not None:
             pacs.start()
-        extra = f"\n[outbox]\nretention_seconds = {args.retention_seconds!r}\n"
+        extra = (f"\n[outbox]\nretention_seconds = {args.retention_seconds!r}\n"
+                 f"history_seconds = {args.history_seconds!r}\n")
         edged = Edged(root / "edged", args.engines.resolve(), args.quiet_seconds,
                       None if pacs is None else pacs.port, models=[CLASSIFIER], extra_toml=extra)
         edged.write_config()
@@ -336,7 +337,8 @@ def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     send_seconds = sender.finished - sender.started
     return {
         "count": args.count, "stopped_early": stopped_early, "rate": args.rate, "series_size": args.series_size,
-        "retention_seconds": args.retention_seconds, "quiet_seconds": args.quiet_seconds,
+        "retention_seconds": args.retention_seconds, "history_seconds": args.history_seconds,
+        "quiet_seconds": args.quiet_seconds,
         "destination": "none" if pacs is None else "Orthanc (127.0.0.1)",
         "cpu_count": os.cpu_count(), "sent": sender.sent, "failed": sender.failed,
         "send_seconds": send_seconds, "achieved_rate": sender.sent / send_seconds if send_seconds > 0 else math.nan,
@@ -443,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention-seconds", type=float, default=60.0, metavar="S",
                    help="[outbox] retention_seconds: how long delivered work stays in the spool (default: 60; a "
                         "site keeps a day, which would fill the disk in a soak this short)")
+    p.add_argument("--history-seconds", type=float, default=60.0, metavar="S",
+                   help="[outbox] history_seconds: how long the journal keeps the rows of a wholly purged series "
+                        "(default: 60; a site keeps a week, longer than a soak, so the journal would only grow)")
     p.add_argument("--quiet-seconds", type=float, default=10.0, metavar="S",
                    help="[pipeline] series_quiet_seconds (default: 10, edged's default)")
     p.add_argument("--settle-seconds", type=float, default=None, metavar="S",
