@@ -75,6 +75,10 @@ class StoreResponseDIMSE(DIMSEServiceProvider):
         except (UnicodeEncodeError, struct.error):  # odd values: pydicom's encoder decides
             super().send_msg(primitive, context_id)
             return
+        peer_max = int(getattr(self.assoc.requestor, "maximum_length", 0) or 0)
+        if peer_max and len(command) + 6 > peer_max:  # one PDV must fit the peer's maximum PDU; else fragment
+            super().send_msg(primitive, context_id)
+            return
         pdata = P_DATA()
         # Control header 0x03: command set, last fragment. A few hundred bytes: one PDV, one PDU.
         pdata.presentation_data_value_list.append((context_id, b"\x03" + command))

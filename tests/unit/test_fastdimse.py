@@ -40,16 +40,17 @@ class _Dul:
 
 
 class _Assoc:
-    def __init__(self, handlers: list[Any] | None = None) -> None:
+    def __init__(self, handlers: list[Any] | None = None, peer_max_pdu: int = 16384) -> None:
         self.dul = _Dul()
         self._handlers = handlers or []
+        self.requestor = type("Requestor", (), {"maximum_length": peer_max_pdu})()
 
     def get_handlers(self, event: Any) -> list[Any]:
         return self._handlers
 
 
-def provider(handlers: list[Any] | None = None) -> DIMSEServiceProvider:
-    assoc = _Assoc(handlers)
+def provider(handlers: list[Any] | None = None, peer_max_pdu: int = 16384) -> DIMSEServiceProvider:
+    assoc = _Assoc(handlers, peer_max_pdu)
     p = DIMSEServiceProvider(assoc)  # type: ignore[arg-type]
     fastdimse.install(type("A", (), {"dimse": p})())
     assert type(p) is fastdimse.StoreResponseDIMSE
@@ -98,3 +99,15 @@ def _with(prim: Any, **values: Any) -> Any:
     for k, v in values.items():
         setattr(prim, k, v)
     return prim
+
+
+def test_a_peer_maximum_pdu_too_small_for_one_pdv_keeps_pynetdicoms_fragmenting_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", lambda self, prim, cx: calls.append(prim))
+    p = provider(peer_max_pdu=64)  # the response's command set is ~150 bytes
+    p.send_msg(rsp(), 3)
+    assert len(calls) == 1 and p.assoc.dul.sent == []  # type: ignore[attr-defined]
+    q = provider(peer_max_pdu=0)  # 0: no limit
+    q.send_msg(rsp(), 3)
+    assert len(calls) == 1 and len(q.assoc.dul.sent) == 1  # type: ignore[attr-defined]
