@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -165,7 +166,7 @@ class PacedSender:
 class Sample:
     t: float  # seconds since the sender started
     sent: int
-    received: int  # instances in the journal
+    received: int  # instances acknowledged (edged_instances_received_total{status="success"})
     rss_mib: float
     fds: int
     threads: int
@@ -212,6 +213,16 @@ def spool_usage(storage: Path, journal: Path) -> tuple[float, int]:
     return total / 2**20, files
 
 
+_RECEIVED = re.compile(r'^edged_instances_received_total\{status="success"\} ([0-9.e+]+)$', re.M)
+
+
+def _received(edged: Edged) -> int:
+    """Instances edged acknowledged as stored, from its own counter: the journal cannot say once
+    ``history_seconds`` has let it forget old series."""
+    match = _RECEIVED.search(edged.metrics())
+    return int(float(match.group(1))) if match else 0
+
+
 def take_sample(edged: Edged, conn: sqlite3.Connection, sender: PacedSender, t0: float) -> Sample:
     pid = edged.pid
     one = lambda sql: int(conn.execute(sql).fetchone()[0] or 0)  # noqa: E731
@@ -220,7 +231,7 @@ def take_sample(edged: Edged, conn: sqlite3.Connection, sender: PacedSender, t0:
     open_series = one("SELECT COUNT(*) FROM series WHERE state = 'open'")
     spool_mib, spool_files = spool_usage(edged.storage, edged.journal)
     return Sample(
-        t=time.monotonic() - t0, sent=sender.sent, received=one("SELECT COUNT(*) FROM instances"),
+        t=time.monotonic() - t0, sent=sender.sent, received=_received(edged),
         rss_mib=_status_field(pid, "VmRSS") / 1024, fds=len(os.listdir(f"/proc/{pid}/fd")),
         threads=_status_field(pid, "Threads"), cpu_s=proc_cpu_seconds(pid),
         journal_mib=_size_mib(edged.journal), wal_mib=_size_mib(edged.journal.with_name(edged.journal.name + "-wal")),
