@@ -166,7 +166,8 @@ def test_beyond_max_associations_transient_rejection_then_retry(edged_factory, t
     assert not errors, errors[:5]
     rejected = [r for r in first.values() if r is not None]
     # pynetdicom counts every association being negotiated, so a burst may see fewer than `limit` accepted
-    assert len(first) == n and n - limit <= len(rejected) < n, first
+    # (even none, when all twelve arrive in the same instant); the retries below must then get everyone in
+    assert len(first) == n and n - limit <= len(rejected) <= n, first
     # rejected-transient (2), service provider - presentation related (3), local-limit-exceeded (2)
     assert set(rejected) == {(2, 3, 2)}
     assert peak_associations(edged) <= limit
