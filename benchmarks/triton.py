@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -43,15 +42,11 @@ from pydicom.uid import generate_uid
 from edged.synthetic import chest_phantom, ct_slice
 
 REPO = Path(__file__).resolve().parent.parent
-SERVE = REPO / "tests" / "triton" / "serve_models.py"
+sys.path.insert(0, str(REPO / "tests"))
+from tritonserver import TritonServer  # noqa: E402 - the same server the tests start
+
 LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
 MODELS = ("ct-nodule-cls", "lesion-seg")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_series(root: Path, slices: int, series_size: int) -> list[list[Path]]:
@@ -185,13 +180,6 @@ def run_scenario(name: str, daemons: list[Edged], series: list[list[Path]], work
     return runs
 
 
-def triton_python() -> str:
-    path = os.environ.get("EDGED_TRITON_PYTHON") or str(REPO / ".venv-triton" / "bin" / "python")
-    if not os.access(path, os.X_OK):
-        raise RuntimeError(f"{path} not found: run scripts/install-triton-server")
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=120, help="slices per push (default 120)")
@@ -203,26 +191,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="edged-triton-bench-"))
     load0 = os.getloadavg()[0]
     procs: list[Proc] = []
+    stoppers: list[TritonServer] = []
     try:
         series = write_series(work / "ct", args.slices, args.series_size)
         local = Edged(work / "local", "onnxruntime")
         procs.append(local)
         runs = run_scenario("local-onnxruntime", [local], series, work, args.timeout)
         local.stop()
-        ports = {k: free_port() for k in ("grpc", "http", "metrics")}
-        server = Proc([triton_python(), str(SERVE), "--engines", str(REPO / "engines"), *sum(
-            (["--model", m] for m in MODELS), []), "--grpc-port", str(ports["grpc"]), "--http-port",
-            str(ports["http"]), "--metrics-port", str(ports["metrics"]), "--workspace", str(work / "triton-ws")],
-            work / "triton.log")
-        procs.append(server)
-        server.wait_for("TRITON READY", 300)
-        url = f"127.0.0.1:{ports['grpc']}"
+        server = TritonServer(work / "triton", list(MODELS))
+        stoppers.append(server)
+        server.start(300)
+        url = server.grpc_url
         pair = [Edged(work / f"triton{i}", "triton", url) for i in range(2)]
         procs.extend(pair)
         runs += run_scenario("triton-2-daemons", pair, series, work, args.timeout)
     finally:
         for p in reversed(procs):
             p.stop()
+        for t in stoppers:
+            t.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     local_rate = runs[0].findings_per_s

@@ -5,6 +5,9 @@ Each test builds its own registry (Metrics(CollectorRegistry())), so nothing lea
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -91,7 +94,9 @@ def test_model_lane_counts_the_batcher_threads_cpu_as_inference(tmp_path: Path) 
     assert _cpu(m, spec.name, "preprocess") == 0.0
 
 
-def test_native_threads_cpu_is_the_engine_pool_not_python_threads() -> None:
+def _native_threads_check() -> None:
+    """The checks of the test below; run in a fresh interpreter, where the only native threads are the
+    ones started here (in pytest's process, pools left by earlier tests' sessions may still be spinning)."""
     before = native_threads_cpu_seconds()
     assert before is not None  # Linux: /proc/self/task is there
     worker = threading.Thread(target=_burn, args=(0.3,))
@@ -113,3 +118,11 @@ def test_native_threads_cpu_is_the_engine_pool_not_python_threads() -> None:
 
     exported = Metrics(CollectorRegistry()).registry.get_sample_value("edged_native_threads_cpu_seconds")
     assert exported is not None and exported >= end
+
+
+def test_native_threads_cpu_is_the_engine_pool_not_python_threads() -> None:
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(Path(__file__).parent)])}
+    proc = subprocess.run([sys.executable, "-c", "import test_metrics_cpu as t; t._native_threads_check()"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
