@@ -35,7 +35,7 @@ from edged.pipeline.assembler import Geometry, SliceInfo, assemble, slice_infos
 from edged.pipeline.batcher import Batcher, Outputs, Request
 from edged.pipeline.postprocess import Finding, classify, segment
 from edged.pipeline.preprocess import prepare_dataset
-from edged.results.report import build_report
+from edged.results.report import build_report, warm_up
 from edged.spool.journal import FindingRecord, Job, JobResult, Journal
 from edged.spool.store import Spool
 
@@ -199,8 +199,18 @@ class Pipeline:
             logs.event(log, logging.WARNING, "jobs.recovered", count=recovered)
         for lane in self.lanes.values():
             lane.batcher.start()
+        if self.models:  # first in the report workers' queue: highdicom's first use, off the critical path
+            self.reports.submit(self._warm_up_reports)
         self._writer.start()
         self._control.start()
+
+    def _warm_up_reports(self) -> None:
+        t0 = time.monotonic()
+        try:
+            warm_up(next(iter(self.models.values())))
+            logs.event(log, logging.INFO, "reports.warmed_up", seconds=round(time.monotonic() - t0, 3))
+        except Exception as exc:  # only a cost moved: the first real report pays it instead
+            logs.event(log, logging.WARNING, "reports.warm_up_failed", error=type(exc).__name__)
 
     def notify(self) -> None:
         """New work may be there (called by the listener after it stored an instance)."""

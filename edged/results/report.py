@@ -16,13 +16,12 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from edged.dicom.uids import device_uid, result_uids
+from edged.dicom.uids import derived_uid, device_uid, result_uids
 from edged.inference.repository import ModelSpec
 from edged.results.seg import build_segmentation
 from edged.results.sr import SegmentRef, build_sr
 from edged.spool.journal import Job, Journal, ResultRecord
 from edged.spool.store import RESULTS_DIR, SPOOL_DIR, Spool
-
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -114,3 +113,24 @@ def _predecessor(previous: dict[str, Any], evidence: Dataset, sr_series: str) ->
     ds.SeriesInstanceUID = sr_series
     return ds
 
+
+
+def warm_up(spec: ModelSpec) -> None:
+    """Build and encode (in memory, nothing stored) one small SR for ``spec`` from a synthetic header.
+
+    highdicom reads its tables of the DICOM standard (module and attribute maps, JSON) on first use:
+    ~0.6 s of CPU that would otherwise fall on the first report after each start, between a series'
+    quiet period and its SR reaching the PACS. The daemon runs this once at start-up, off the
+    listener's and the pipeline's threads."""
+    from edged.synthetic import ct_slice
+
+    series = derived_uid("warm-up", spec.name, spec.version)
+    header = ct_slice(0, study_uid=derived_uid("warm-up", "study"), series_uid=series, rows=8, columns=8)
+    del header.PixelData
+    labels = [label for out in spec.outputs for label in out.labels]
+    findings = [{"label": label.name, "present": True, "probability": 0.5, "measurements_dict": {},
+                 "level": "instance", "sop_instance_uid": str(header.SOPInstanceUID)} for label in labels]
+    uids = result_uids(series, spec.name, spec.version, 0)
+    sr = build_sr(spec=spec, evidence=[header], findings=findings, series_uid=uids.sr_series,
+                  sop_uid=uids.sr_instance, instance_number=1, device_uid=device_uid(), segments={})
+    _encode(sr)

@@ -51,3 +51,17 @@ def _roundtrip(ds: pydicom.Dataset, tmp_path: Path) -> Path:
     path = tmp_path / "sr.dcm"
     ds.save_as(path)
     return path
+
+
+def test_warm_up_builds_a_report_for_every_demo_model_and_stores_nothing(tmp_path: Path, monkeypatch) -> None:
+    # The daemon runs warm_up once at start so highdicom's first-use loading of the standard's tables
+    # does not fall on the first series' report; it must work for any model and write nothing.
+    import highdicom._standard_utils as standard
+
+    from edged.results import report
+
+    monkeypatch.chdir(tmp_path)
+    for name, spec in Repository(REPO / "engines").load().items():
+        report.warm_up(spec)
+    assert list(tmp_path.iterdir()) == []
+    assert standard.get_module_attribute_map.cache_info().currsize == 1
