@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from pydicom import dcmread
 
 from edged import logs
 from edged.config import PipelineConfig
@@ -33,6 +32,7 @@ from edged.inference.repository import ModelSpec
 from edged.metrics import Metrics
 from edged.pipeline.assembler import Geometry, SliceInfo, assemble, slice_infos
 from edged.pipeline.batcher import Batcher, Outputs, Request
+from edged.pipeline.pixels import read_image
 from edged.pipeline.postprocess import Finding, classify, segment
 from edged.pipeline.preprocess import prepare_dataset
 from edged.results.report import build_report, warm_up
@@ -64,8 +64,8 @@ def _instance_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -
     relpath = journal.instance_path(job.sop_instance_uid)
     if relpath is None:
         raise FileNotFoundError("instance not in the journal")
-    ds = dcmread(spool.path(relpath))
-    planes = prepare_dataset(ds, spec.preprocess.spec())
+    ds, pixels = read_image(spool.path(relpath))
+    planes = prepare_dataset(ds, spec.preprocess.spec(), pixels)
     infos = slice_infos(ds, 0)
     spacing = assemble(infos).slice_spacing if len(infos) > 1 else None
     return Prepared(planes, [i.geometry for i in infos], spacing, [job.sop_instance_uid])
@@ -78,8 +78,8 @@ def _series_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -> 
     skipped = 0
     for arrival, (uid, relpath) in enumerate(journal.series_sources(job.series_instance_uid)):
         try:
-            ds = dcmread(spool.path(relpath))
-            frames = prepare_dataset(ds, pre)
+            ds, pixels = read_image(spool.path(relpath))
+            frames = prepare_dataset(ds, pre, pixels)
         except Exception as exc:  # one bad slice must not sink the series: leave it out, say so
             skipped += 1
             logs.event(log, logging.WARNING, "series.instance_skipped", job=job.id, model=job.model,
