@@ -115,17 +115,18 @@ def _centroid_group(tracking: TrackingIdentifier, spec: ModelSpec, label: Any, m
 
 
 def _image_level_group(spec: ModelSpec, label: Any, findings: list[dict[str, Any]], by_uid: dict[str, Dataset],
-                       series_uid: str) -> MeasurementsAndQualitativeEvaluations:
+                       series_uid: str, per_image: bool = True) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 for one label over a series' images: present if any image is; the highest probability;
     and for each image where the finding is present, its probability (and area) inferred from that image.
 
     One group per label and series, not per image: a viewer shows the slices with findings, and the
-    document stays small (highdicom's cost grows with every content item)."""
+    document stays small (highdicom's cost grows with every content item). ``per_image=False``: the
+    same group without the per-image items (see :func:`build_sr`)."""
     positives = [f for f in findings if f["present"]]
     top = max(findings, key=lambda f: f["probability"])
     measurements = [Measurement(name=PROBABILITY, value=float(top["probability"]), unit=UNITLESS)]
     images = []
-    for f in positives:
+    for f in positives if per_image else ():
         ds = by_uid[f["sop_instance_uid"]]
         ref = [SourceImageForMeasurement(str(ds.SOPClassUID), str(ds.SOPInstanceUID))]
         images.append(SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
@@ -158,10 +159,16 @@ def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[st
     by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
     frame_of_reference = str(getattr(evidence[0], "FrameOfReferenceUID", "") or "") or None
     groups: list[Any] = []
+    # Groups whose per-image items highdicom's document constructor need not see: index -> the full group
+    full_groups: dict[int, MeasurementsAndQualitativeEvaluations] = {}
     per_image = [f for f in findings if f["level"] == "instance"]
     for label_name in dict.fromkeys(f["label"] for f in per_image):
-        groups.append(_image_level_group(spec, labels[label_name], [f for f in per_image if f["label"] == label_name],
-                                         by_uid, series_uid))
+        label_findings = [f for f in per_image if f["label"] == label_name]
+        group = _image_level_group(spec, labels[label_name], label_findings, by_uid, series_uid)
+        if any(f["present"] for f in label_findings):
+            full_groups[len(groups)] = group
+            group = _image_level_group(spec, labels[label_name], label_findings, by_uid, series_uid, per_image=False)
+        groups.append(group)
     for f in (f for f in findings if f["level"] != "instance"):
         label = labels[f["label"]]
         measurements, evaluation = _common(f, label)
@@ -195,10 +202,44 @@ def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[st
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURES.get(modality, IMAGING_PROCEDURE),
         imaging_measurements=groups)
-    return Comprehensive3DSR(
+    sr = Comprehensive3DSR(
         evidence=[*evidence, *extra_evidence], content=report[0], series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
         sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer="edged",
         is_complete=True, is_final=False, is_verified=False,
         series_description=f"edged {spec.name} {spec.version}"[:64],
         previous_versions=[predecessor] if predecessor is not None else None,
     )
+    if full_groups:
+        _put_back_per_image_items(sr, full_groups, by_uid)
+    return sr
+
+
+def _put_back_per_image_items(sr: Comprehensive3DSR, full_groups: dict[int, Any], by_uid: dict[str, Dataset]) -> None:
+    """Give the document's image-level groups their per-image items (highdicom built them, in the full groups).
+
+    highdicom's document constructor deep-copies its whole content tree, parses the copy back into its
+    own classes and searches it twice for image references: with one measurement and one source image
+    per positive slice that was most of an SR's cost, growing with the findings. So the constructor gets
+    each group without its per-image items, and here each such group's Content Sequence is replaced by the
+    full group's, built by highdicom from the same arguments (tests/unit/test_sr.py: the documents are the
+    same). What the constructor's search would have checked is checked here: every image referenced is
+    evidence. The returned object's parsed ``content`` view is highdicom's of the constructor's content;
+    the dataset (what is written and sent) is the full document."""
+    (container,) = [item for item in sr.ContentSequence
+                    if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value]
+    for index, group in full_groups.items():
+        (full,) = group  # a highdicom template: its one root container item
+        target = container.ContentSequence[index]
+        tracking = [str(i.UID) for i in target.ContentSequence if i.ValueType == "UIDREF"]
+        assert tracking == [str(i.UID) for i in full.ContentSequence if i.ValueType == "UIDREF"]
+        for uid in _referenced_images(full):
+            if uid not in by_uid:
+                raise ValueError(f"image {uid} is referenced by the content but not given as evidence")
+        target.ContentSequence = full.ContentSequence
+
+
+def _referenced_images(item: Dataset) -> list[str]:
+    out = [str(r.ReferencedSOPInstanceUID) for r in getattr(item, "ReferencedSOPSequence", [])]
+    for child in getattr(item, "ContentSequence", []):
+        out += _referenced_images(child)
+    return out

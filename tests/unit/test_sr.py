@@ -65,3 +65,70 @@ def test_warm_up_builds_a_report_for_every_demo_model_and_stores_nothing(tmp_pat
         report.warm_up(spec)
     assert list(tmp_path.iterdir()) == []
     assert standard.get_module_attribute_map.cache_info().currsize == 1
+
+
+def _plain_highdicom(spec, evidence, findings, uids):
+    """The document as highdicom builds it when its constructor gets the whole content tree."""
+    from edged.results import sr as srmod
+
+    labels = {label.name: label for out in spec.outputs for label in out.labels}
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
+    groups = [srmod._image_level_group(spec, labels[name], [f for f in findings if f["label"] == name], by_uid,
+                                       uids.sr_series)
+              for name in dict.fromkeys(f["label"] for f in findings)]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid="1.2.3.4", name="edged", manufacturer_name="edged", model_name=f"edged {srmod.__version__}"))
+    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+                                     procedure_reported=srmod.PROCEDURES["CT"], imaging_measurements=groups)
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report[0], series_instance_uid=uids.sr_series, series_number=srmod.SR_SERIES_NUMBER,
+        sop_instance_uid=uids.sr_instance, instance_number=1, manufacturer="edged", is_complete=True, is_final=False,
+        is_verified=False, series_description=f"edged {spec.name} {spec.version}")
+
+
+def _bytes_without_timestamps(ds: pydicom.Dataset, tmp_path: Path) -> bytes:
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    return _roundtrip(ds, tmp_path).read_bytes()
+
+
+def test_document_equals_highdicom_given_the_whole_content(tmp_path: Path) -> None:
+    # build_sr hands highdicom's document constructor the groups without their per-image items and puts
+    # them back after; the document must be the one highdicom writes from the whole tree.
+    spec = Repository(REPO / "engines").load(["ct-nodule-cls"])["ct-nodule-cls"]
+    full = [pydicom.dcmread(p, stop_before_pixels=True) for p in write_ct_series(tmp_path, 12)]
+    evidence = [full[0]] + [_uids_only(ds) for ds in full[1:]]  # as report.py gives it
+    probs = [0.1, 0.9, 0.2, 0.7, 0.3, 0.55, 0.05, 0.99, 0.4, 0.6, 0.51, 0.2]
+    findings = [dict(label="lung nodule", present=p >= 0.5, probability=p, measurements_dict={"threshold": 0.5},
+                     level="instance", sop_instance_uid=str(ds.SOPInstanceUID)) for p, ds in zip(probs, evidence)]
+    uids = result_uids(str(evidence[0].SeriesInstanceUID), spec.name, spec.version, 0)
+    ours = build_sr(spec=spec, evidence=evidence, findings=findings, series_uid=uids.sr_series,
+                    sop_uid=uids.sr_instance, instance_number=1, device_uid="1.2.3.4", segments={})
+    reference = _plain_highdicom(spec, evidence, findings, uids)
+    assert _bytes_without_timestamps(ours, tmp_path) == _bytes_without_timestamps(reference, tmp_path)
+
+
+def test_all_negative_series_has_no_per_image_items(tmp_path: Path) -> None:
+    spec = Repository(REPO / "engines").load(["ct-nodule-cls"])["ct-nodule-cls"]
+    evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in write_ct_series(tmp_path, 3)]
+    findings = [dict(label="lung nodule", present=False, probability=0.1, measurements_dict={}, level="instance",
+                     sop_instance_uid=str(ds.SOPInstanceUID)) for ds in evidence]
+    uids = result_uids(str(evidence[0].SeriesInstanceUID), spec.name, spec.version, 0)
+    sr = build_sr(spec=spec, evidence=evidence, findings=findings, series_uid=uids.sr_series, sop_uid=uids.sr_instance,
+                  instance_number=1, device_uid="1.2.3.4", segments={})
+    (group,) = hd.sr.srread(_roundtrip(sr, tmp_path)).content.get_image_measurement_groups()
+    assert group.get_qualitative_evaluations()[0].value == codes.SCT.Absent
+    assert _referenced(sr) == [] and len(group.get_measurements()) == 1
+
+
+def _uids_only(ds: pydicom.Dataset) -> pydicom.Dataset:
+    out = pydicom.Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(out, keyword, getattr(ds, keyword))
+    return out
