@@ -2,7 +2,8 @@
 
 Reads the findings from the journal and the source headers from the spool (no pixel data: highdicom
 copies evidence), builds the objects, writes them durably under ``spool/results/`` and returns what
-the journal records. UIDs come from :func:`edged.dicom.uids.result_uids`, so a re-run writes the same
+the journal records. Per-image content items built ahead (``prebuilt``, filled by the pipeline as
+each image's finding is made) are used where they match the journal's findings. UIDs come from :func:`edged.dicom.uids.result_uids`, so a re-run writes the same
 objects under the same UIDs.
 """
 
@@ -19,7 +20,7 @@ from pydicom.dataset import Dataset
 from edged.dicom.uids import derived_uid, device_uid, result_uids
 from edged.inference.repository import ModelSpec
 from edged.results.seg import build_segmentation
-from edged.results.sr import SegmentRef, build_sr
+from edged.results.sr import PrebuiltItems, SegmentRef, build_sr
 from edged.spool.journal import Job, Journal, ResultRecord
 from edged.spool.store import RESULTS_DIR, SPOOL_DIR, Spool
 
@@ -37,7 +38,8 @@ def _store(spool: Spool, ds: Dataset) -> str:
     return relpath
 
 
-def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool) -> list[ResultRecord]:
+def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool,
+                 prebuilt: PrebuiltItems | None = None) -> list[ResultRecord]:
     findings = journal.report_findings(job.model, job.series_instance_uid)
     if not findings:
         return []  # every job on the series died: nothing to report (their errors are in the journal)
@@ -84,7 +86,7 @@ def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool) -> l
         predecessor = _predecessor(previous, evidence[0], uids.sr_series)
     sr = build_sr(spec=spec, evidence=evidence, extra_evidence=seg_evidence, findings=findings, series_uid=uids.sr_series,
                   sop_uid=uids.sr_instance, instance_number=job.generation + 1, device_uid=device_uid(),
-                  segments=segments, predecessor=predecessor)
+                  segments=segments, predecessor=predecessor, prebuilt=prebuilt)
     records.append(ResultRecord("sr", str(sr.SOPClassUID), uids.sr_instance, _store(spool, sr)))
     return records
 

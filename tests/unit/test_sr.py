@@ -132,3 +132,41 @@ def _uids_only(ds: pydicom.Dataset) -> pydicom.Dataset:
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         setattr(out, keyword, getattr(ds, keyword))
     return out
+
+
+def test_prebuilt_items_give_the_same_document_and_stale_ones_are_ignored(tmp_path: Path) -> None:
+    from edged.results.sr import PrebuiltItems
+
+    spec = Repository(REPO / "engines").load(["ct-nodule-cls"])["ct-nodule-cls"]
+    evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in write_ct_series(tmp_path, 6)]
+    probs = [0.9, 0.2, 0.7, 0.55, 0.1, 0.8]
+    findings = [dict(label="lung nodule", present=p >= 0.5, probability=p, measurements_dict={"threshold": 0.5},
+                     level="instance", sop_instance_uid=str(ds.SOPInstanceUID)) for p, ds in zip(probs, evidence)]
+    uids = result_uids(str(evidence[0].SeriesInstanceUID), spec.name, spec.version, 0)
+
+    def build(prebuilt):
+        return build_sr(spec=spec, evidence=evidence, findings=findings, series_uid=uids.sr_series,
+                        sop_uid=uids.sr_instance, instance_number=1, device_uid="1.2.3.4", segments={},
+                        prebuilt=prebuilt)
+
+    prebuilt = PrebuiltItems()
+    for f, ds in zip(findings, evidence):
+        if f["present"]:  # as the pipeline adds them when each instance job finishes
+            prebuilt.add(f["label"], str(ds.SOPClassUID), f["sop_instance_uid"], f["probability"], None)
+    stale = PrebuiltItems.key("lung nodule", str(evidence[0].SOPClassUID), findings[0]["sop_instance_uid"], 0.42, None)
+    prebuilt.add(*stale)  # a finding the journal does not hold (another attempt's): must not be used
+    assert len(prebuilt) == 5
+    with_items = _bytes_without_timestamps(build(prebuilt), tmp_path)
+    assert len(prebuilt) == 1 and prebuilt.take(stale) is not None  # the four matching ones were taken, once
+    assert with_items == _bytes_without_timestamps(build(None), tmp_path)
+
+
+def test_prebuilt_items_are_bounded() -> None:
+    from edged.results.sr import PrebuiltItems
+
+    prebuilt = PrebuiltItems(limit=3)
+    for i in range(5):
+        prebuilt.add("lung nodule", "1.2.840.10008.5.1.4.1.1.2", f"1.2.3.{i}", 0.9, None)
+    assert len(prebuilt) == 3
+    assert prebuilt.take(PrebuiltItems.key("lung nodule", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.0", 0.9, None)) is None
+    assert prebuilt.take(PrebuiltItems.key("lung nodule", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 0.9, None)) is not None
