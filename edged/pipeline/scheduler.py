@@ -252,7 +252,7 @@ class Pipeline:
                 self._tick()
             except Exception:
                 log.exception("pipeline control step failed")
-            self._wake.wait(self.cfg.poll_seconds)
+            self._wake.wait(max(0.0, min(self.cfg.poll_seconds, self._next_housekeeping - time.monotonic())))
             self._wake.clear()
 
     def _tick(self) -> None:
@@ -265,6 +265,8 @@ class Pipeline:
     def _tick_once(self) -> None:
         # Series completion and lease expiry are clocks: check them every poll_seconds, not on every wake
         # (the listener wakes the loop once per stored instance); claiming runs on every wake.
+        # The next check comes at the poll interval, or sooner when an open series falls quiet before that
+        # (so a series completes within milliseconds of its quiet period, whatever poll_seconds is).
         now = time.monotonic()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self.cfg.poll_seconds
@@ -274,6 +276,10 @@ class Pipeline:
             expired = self.journal.recover_jobs()
             if expired:
                 logs.event(log, logging.WARNING, "jobs.lease_expired", count=expired)
+            due = self.journal.next_series_due(self.cfg.series_quiet_seconds)
+            if due is not None:  # a wall-clock time (the journal's); + 5 ms so the series is quiet by then
+                self._next_housekeeping = min(self._next_housekeeping,
+                                              time.monotonic() + max(0.01, due - time.time() + 0.005))
         for name, lane in self.lanes.items():
             room = lane.capacity()
             if room == 0:
