@@ -204,8 +204,8 @@ class Pipeline:
             logs.event(log, logging.WARNING, "jobs.recovered", count=recovered)
         for lane in self.lanes.values():
             lane.batcher.start()
-        if self.models:  # first in the report workers' queue: highdicom's first use, off the critical path
-            self.reports.submit(self._warm_up_reports)
+        if self.models:  # highdicom's first use, at start-up (before the listener binds), not in a series' report
+            self._warm_up_reports()
         self._writer.start()
         self._control.start()
 

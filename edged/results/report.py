@@ -122,8 +122,8 @@ def warm_up(spec: ModelSpec) -> None:
 
     highdicom reads its tables of the DICOM standard (module and attribute maps, JSON) on first use:
     ~0.6 s of CPU that would otherwise fall on the first report after each start, between a series'
-    quiet period and its SR reaching the PACS. The daemon runs this once at start-up, off the
-    listener's and the pipeline's threads."""
+    quiet period and its SR reaching the PACS. The daemon runs this once at start-up, before its
+    listener binds."""
     from edged.synthetic import ct_slice
 
     series = derived_uid("warm-up", spec.name, spec.version)
