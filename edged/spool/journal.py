@@ -445,9 +445,12 @@ class Journal:
             args: tuple = ()
         else:
             where, args = "r.model = ? AND r.level != 'report'", (model,)
+        # "state IN (...)" first: SQLite then searches jobs_state (state, model, id) for the few runnable jobs;
+        # with only the OR it searched every job the model ever had (jobs_unique by model), and the journal
+        # keeps days of finished jobs.
         query = ("SELECT r.id, r.model, r.model_version, r.level, r.sop_instance_uid, r.series_instance_uid,"
-                 f" r.generation, r.attempts FROM jobs r WHERE {where}"
-                 " AND (r.state = 'pending' OR (r.state = 'failed' AND r.retry_at <= ?))"
+                 f" r.generation, r.attempts FROM jobs r WHERE r.state IN ('pending', 'failed') AND {where}"
+                 " AND (r.state = 'pending' OR r.retry_at <= ?)"
                  " ORDER BY r.id LIMIT ?")
         # The pipeline asks on every wake and mostly finds nothing: look first without taking the write lock
         # (a read of the committed state); only when there is something, claim it in a write transaction,

@@ -218,3 +218,22 @@ def test_claims_take_each_runnable_job_once_and_nothing_when_none_is(j: Journal)
     second = j.claim_jobs("cls", 5, 60, "tok")
     assert [x.sop_instance_uid for x in first + second] == ["1", "2", "3"]
     assert j.claim_jobs("cls", 5, 60, "tok") == []
+
+
+@pytest.mark.parametrize("reports", [False, True])
+def test_a_claim_searches_only_runnable_jobs_not_the_history(j: Journal, reports: bool) -> None:
+    # The journal keeps days of finished jobs: claiming (on every stored instance) must find the runnable
+    # ones through the (state, model, id) index, not by reading every job the model ever had.
+    j.add_instance(rec("1"), [CLS])
+    statements: list[str] = []
+    conn = j._c()
+    conn.set_trace_callback(statements.append)
+    try:
+        j.claim_jobs(None if reports else "cls", 4, 60, "tok", reports=reports)
+    finally:
+        conn.set_trace_callback(None)
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM jobs r" in s]
+    assert selects
+    for sql in selects:
+        plan = " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "USING INDEX jobs_state" in plan, plan
