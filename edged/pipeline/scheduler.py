@@ -268,6 +268,9 @@ class Pipeline:
         # The next check comes at the poll interval, or sooner when an open series falls quiet before that
         # (so a series completes within milliseconds of its quiet period, whatever poll_seconds is).
         now = time.monotonic()
+        # a series that opened since the last check is quiet no sooner than its quiet period from now
+        self._next_housekeeping = min(self._next_housekeeping,
+                                      now + max(0.01, self.cfg.series_quiet_seconds + 0.005))
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self.cfg.poll_seconds
             for uid, created in self.journal.complete_series(self.cfg.series_quiet_seconds):
