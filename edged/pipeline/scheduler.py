@@ -68,10 +68,12 @@ def _instance_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -
         raise FileNotFoundError("instance not in the journal")
     ds, pixels = read_image(spool.path(relpath))
     planes = prepare_dataset(ds, spec.preprocess.spec(), pixels)
+    sop_class = str(getattr(ds, "SOPClassUID", "")) or None
+    if spec.task == "classification":  # geometry places a mask in the patient; a classifier's findings have none
+        return Prepared(planes, [], None, [job.sop_instance_uid], sop_class_uid=sop_class)
     infos = slice_infos(ds, 0)
     spacing = assemble(infos).slice_spacing if len(infos) > 1 else None
-    return Prepared(planes, [i.geometry for i in infos], spacing, [job.sop_instance_uid],
-                    sop_class_uid=str(getattr(ds, "SOPClassUID", "")) or None)
+    return Prepared(planes, [i.geometry for i in infos], spacing, [job.sop_instance_uid], sop_class_uid=sop_class)
 
 
 def _series_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -> Prepared:
