@@ -266,11 +266,11 @@ class Pipeline:
 
     def _tick_once(self) -> None:
         # Series completion and lease expiry are clocks: check them every poll_seconds, not on every wake
-        # (the listener wakes the loop once per stored instance); claiming runs on every wake.
-        # The next check comes at the poll interval, or sooner when an open series falls quiet before that
-        # (so a series completes within milliseconds of its quiet period, whatever poll_seconds is).
+        # (the listener wakes the loop once per stored instance); claiming runs on every wake. The next
+        # check comes sooner when an open series falls quiet before then (the journal says when), or when
+        # a series opened since the last check can first be quiet: a series completes within milliseconds
+        # of its quiet period, whatever poll_seconds is.
         now = time.monotonic()
-        # a series that opened since the last check is quiet no sooner than its quiet period from now
         self._next_housekeeping = min(self._next_housekeeping,
                                       now + max(0.01, self.cfg.series_quiet_seconds + 0.005))
         if now >= self._next_housekeeping:

@@ -3,8 +3,8 @@
 Reads the findings from the journal and the source headers from the spool (no pixel data: highdicom
 copies evidence), builds the objects, writes them durably under ``spool/results/`` and returns what
 the journal records. Per-image content items built ahead (``prebuilt``, filled by the pipeline as
-each image's finding is made) are used where they match the journal's findings. UIDs come from :func:`edged.dicom.uids.result_uids`, so a re-run writes the same
-objects under the same UIDs.
+each image's finding is made) are used where they match the journal's findings. UIDs come from
+:func:`edged.dicom.uids.result_uids`, so a re-run writes the same objects under the same UIDs.
 """
 
 from __future__ import annotations
@@ -114,7 +114,6 @@ def _predecessor(previous: dict[str, Any], evidence: Dataset, sr_series: str) ->
     ds.StudyInstanceUID = evidence.StudyInstanceUID
     ds.SeriesInstanceUID = sr_series
     return ds
-
 
 
 def warm_up(spec: ModelSpec) -> None:
