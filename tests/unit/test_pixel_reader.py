@@ -134,3 +134,19 @@ def test_not_dicom_raises_what_pydicom_raises(tmp_path: Path) -> None:
     path.write_bytes(b"not a dicom file" * 10)
     with pytest.raises(pydicom.errors.InvalidDicomError):
         read_image(path)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_odd_length_pixel_data_with_its_padding_byte(tmp_path: Path, syntax: str) -> None:
+    # 8-bit, 3 x 3: nine bytes of pixels and one of padding (PS3.5 7.1.1: values have even length)
+    ds = _slice()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows = ds.Columns = 3
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 7, 6, 1
+    ds.PixelData = bytes([0, 1, 2, 63, 64, 127, 128, 200, 255])  # high bits set: pydicom sign-extends from bit 6
+    path = _write(ds, tmp_path / "odd.dcm")
+    header, pixels = read_image(path)
+    assert pixels is not None
+    expected = pydicom.dcmread(path).pixel_array
+    assert pixels.dtype == expected.dtype == np.int8
+    np.testing.assert_array_equal(pixels, expected)
