@@ -769,7 +769,7 @@ CPU_ROWS = (
     ("decode/preprocess", ("preprocess",)),
     ("inference", ("inference",)),  # the batcher thread (batching, the engine call)
     ("postprocess", ("postprocess",)),
-    ("report authoring", ("object_write",)),  # SR / SEG with highdicom, written to the spool, journal rows
+    ("report authoring", ("object_write",)),  # SR / SEG with highdicom (and per-image SR items built ahead), written, journal rows
     ("delivery", ("delivery",)),  # C-STORE to the destination, the delivery's journal row
 )
 

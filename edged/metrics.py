@@ -30,7 +30,8 @@ REJECT_REASONS = ("calling_ae", "called_ae", "busy", "other")
 STAGES = ("preprocess", "queue_wait", "inference", "postprocess", "commit", "object_write", "delivery")
 #: Stages whose thread CPU time ``edged_stage_cpu_seconds_total`` counts (no queue_wait: waiting is not work).
 #: ``receive``: the C-STORE handler; ``control``: the pipeline's control step (series completion, lease
-#: recovery, claiming jobs: journal work); ``inference``: the batcher thread (batching, the engine call).
+#: recovery, claiming jobs: journal work); ``inference``: the batcher thread (batching, the engine call);
+#: ``object_write``: report authoring (SR/SEG), including the SR's per-image items built as findings are made.
 CPU_STAGES = ("receive", "control", "preprocess", "inference", "postprocess", "commit", "object_write", "delivery")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)

@@ -186,16 +186,18 @@ def decode_pixels(ds: object) -> np.ndarray:
         raise PixelDataError(f"pixel data decoder failed ({type(exc).__name__})") from None
 
 
-def prepare_dataset(ds: object, spec: PreprocessSpec) -> np.ndarray:
+def prepare_dataset(ds: object, spec: PreprocessSpec, pixels: np.ndarray | None = None) -> np.ndarray:
     """A decoded DICOM image (pydicom Dataset) to model inputs: float32 ``(frames, 1, rows, columns)``.
 
     Decodes pixel data (any transfer syntax pydicom with pylibjpeg handles); colour images are
-    refused with ValueError, multi-frame images give one plane per frame.
+    refused with ValueError, multi-frame images give one plane per frame. ``pixels``: the stored values
+    already read (:func:`edged.pipeline.pixels.read_image`, with ``ds`` its header), instead of decoding.
     """
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise ValueError(f"SamplesPerPixel is {samples}: only monochrome images are supported")
-    pixels = decode_pixels(ds)
+    if pixels is None:
+        pixels = decode_pixels(ds)
     frames = pixels if pixels.ndim == 3 else pixels[None]
     slope = _first(getattr(ds, "RescaleSlope", None), 1.0)
     intercept = _first(getattr(ds, "RescaleIntercept", None), 0.0)

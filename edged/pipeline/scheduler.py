@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from pydicom import dcmread
 
 from edged import logs
 from edged.config import PipelineConfig
@@ -33,9 +32,11 @@ from edged.inference.repository import ModelSpec
 from edged.metrics import Metrics
 from edged.pipeline.assembler import Geometry, SliceInfo, assemble, slice_infos
 from edged.pipeline.batcher import Batcher, Outputs, Request
+from edged.pipeline.pixels import read_image
 from edged.pipeline.postprocess import Finding, classify, segment
 from edged.pipeline.preprocess import prepare_dataset
-from edged.results.report import build_report
+from edged.results.report import build_report, warm_up
+from edged.results.sr import PrebuiltItems
 from edged.spool.journal import FindingRecord, Job, JobResult, Journal
 from edged.spool.store import Spool
 
@@ -57,6 +58,7 @@ class Prepared:
     slice_spacing: float | None
     sources: list[str]
     skipped: int = 0  # instances of a series left out because they could not be decoded
+    sop_class_uid: str | None = None  # an instance job's image (for its report's per-image items)
 
 
 def _instance_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -> Prepared:
@@ -64,11 +66,14 @@ def _instance_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -
     relpath = journal.instance_path(job.sop_instance_uid)
     if relpath is None:
         raise FileNotFoundError("instance not in the journal")
-    ds = dcmread(spool.path(relpath))
-    planes = prepare_dataset(ds, spec.preprocess.spec())
+    ds, pixels = read_image(spool.path(relpath))
+    planes = prepare_dataset(ds, spec.preprocess.spec(), pixels)
+    sop_class = str(getattr(ds, "SOPClassUID", "")) or None
+    if spec.task == "classification":  # geometry places a mask in the patient; a classifier's findings have none
+        return Prepared(planes, [], None, [job.sop_instance_uid], sop_class_uid=sop_class)
     infos = slice_infos(ds, 0)
     spacing = assemble(infos).slice_spacing if len(infos) > 1 else None
-    return Prepared(planes, [i.geometry for i in infos], spacing, [job.sop_instance_uid])
+    return Prepared(planes, [i.geometry for i in infos], spacing, [job.sop_instance_uid], sop_class_uid=sop_class)
 
 
 def _series_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -> Prepared:
@@ -78,8 +83,8 @@ def _series_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -> 
     skipped = 0
     for arrival, (uid, relpath) in enumerate(journal.series_sources(job.series_instance_uid)):
         try:
-            ds = dcmread(spool.path(relpath))
-            frames = prepare_dataset(ds, pre)
+            ds, pixels = read_image(spool.path(relpath))
+            frames = prepare_dataset(ds, pre, pixels)
         except Exception as exc:  # one bad slice must not sink the series: leave it out, say so
             skipped += 1
             logs.event(log, logging.WARNING, "series.instance_skipped", job=job.id, model=job.model,
@@ -176,6 +181,8 @@ class Pipeline:
         # two report workers: a long SEG report does not hold back another model's SR on the same series
         self.reports = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reports")
         self.reports_in_flight = 0
+        # per-image SR items made as each instance job finishes: the report after the quiet period only assembles
+        self.prebuilt = PrebuiltItems()
         self._reports_lock = threading.Lock()
         self.journal = journal
         self.spool = spool
@@ -199,8 +206,18 @@ class Pipeline:
             logs.event(log, logging.WARNING, "jobs.recovered", count=recovered)
         for lane in self.lanes.values():
             lane.batcher.start()
+        if self.models:  # highdicom's first use, at start-up (before the listener binds), not in a series' report
+            self._warm_up_reports()
         self._writer.start()
         self._control.start()
+
+    def _warm_up_reports(self) -> None:
+        t0 = time.monotonic()
+        try:
+            warm_up(next(iter(self.models.values())))
+            logs.event(log, logging.INFO, "reports.warmed_up", seconds=round(time.monotonic() - t0, 3))
+        except Exception as exc:  # only a cost moved: the first real report pays it instead
+            logs.event(log, logging.WARNING, "reports.warm_up_failed", error=type(exc).__name__)
 
     def notify(self) -> None:
         """New work may be there (called by the listener after it stored an instance)."""
@@ -237,7 +254,7 @@ class Pipeline:
                 self._tick()
             except Exception:
                 log.exception("pipeline control step failed")
-            self._wake.wait(self.cfg.poll_seconds)
+            self._wake.wait(max(0.0, min(self.cfg.poll_seconds, self._next_housekeeping - time.monotonic())))
             self._wake.clear()
 
     def _tick(self) -> None:
@@ -249,8 +266,13 @@ class Pipeline:
 
     def _tick_once(self) -> None:
         # Series completion and lease expiry are clocks: check them every poll_seconds, not on every wake
-        # (the listener wakes the loop once per stored instance); claiming runs on every wake.
+        # (the listener wakes the loop once per stored instance); claiming runs on every wake. The next
+        # check comes sooner when an open series falls quiet before then (the journal says when), or when
+        # a series opened since the last check can first be quiet: a series completes within milliseconds
+        # of its quiet period, whatever poll_seconds is.
         now = time.monotonic()
+        self._next_housekeeping = min(self._next_housekeeping,
+                                      now + max(0.01, self.cfg.series_quiet_seconds + 0.005))
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self.cfg.poll_seconds
             for uid, created in self.journal.complete_series(self.cfg.series_quiet_seconds):
@@ -259,6 +281,10 @@ class Pipeline:
             expired = self.journal.recover_jobs()
             if expired:
                 logs.event(log, logging.WARNING, "jobs.lease_expired", count=expired)
+            due = self.journal.next_series_due(self.cfg.series_quiet_seconds)
+            if due is not None:  # a wall-clock time (the journal's); + 5 ms so the series is quiet by then
+                self._next_housekeeping = min(self._next_housekeeping,
+                                              time.monotonic() + max(0.01, due - time.time() + 0.005))
         for name, lane in self.lanes.items():
             room = lane.capacity()
             if room == 0:
@@ -282,7 +308,7 @@ class Pipeline:
             spec = self.models.get(job.model)
             if spec is None or spec.version != job.model_version:
                 raise LookupError("the model version that made these findings is no longer loaded")
-            records = build_report(job, spec, self.journal, self.spool)
+            records = build_report(job, spec, self.journal, self.spool, self.prebuilt)
             if self.journal.finish_report(job, records, self.destinations):
                 self.metrics.reports.labels(job.model, "done").inc()
                 self.metrics.stage_seconds.labels(job.model, "object_write").observe(time.monotonic() - t0)
@@ -353,6 +379,22 @@ class Pipeline:
         self.metrics.add_cpu(spec.name, "postprocess", c0)
         self._results.put((JobResult(job, records, prepared.sources), masks))
         lane.done()
+        if job.level == "instance" and prepared.sop_class_uid is not None:
+            self._prebuild(spec, job, prepared.sop_class_uid, records)
+
+    def _prebuild(self, spec: ModelSpec, job: Job, sop_class_uid: str, records: list[FindingRecord]) -> None:
+        """The SR's per-image items for this image's positive findings, now rather than after the quiet
+        period (report authoring's CPU, counted as such). Only a memo: the report reads the journal."""
+        c0 = time.thread_time()
+        try:
+            for r in records:
+                if r.present:
+                    area = r.measurements.get("area_mm2")
+                    self.prebuilt.add(r.label, sop_class_uid, str(job.sop_instance_uid), r.probability,
+                                      None if area is None else float(area))  # type: ignore[arg-type]
+        except Exception:  # the report builds them itself
+            log.debug("could not prebuild SR items", exc_info=True)
+        self.metrics.add_cpu(spec.name, "object_write", c0)
 
     def _fail(self, lane: ModelLane, job: Job, exc: BaseException) -> None:
         if isinstance(exc, EngineUnavailableError):

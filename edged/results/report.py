@@ -2,8 +2,9 @@
 
 Reads the findings from the journal and the source headers from the spool (no pixel data: highdicom
 copies evidence), builds the objects, writes them durably under ``spool/results/`` and returns what
-the journal records. UIDs come from :func:`edged.dicom.uids.result_uids`, so a re-run writes the same
-objects under the same UIDs.
+the journal records. Per-image content items built ahead (``prebuilt``, filled by the pipeline as
+each image's finding is made) are used where they match the journal's findings. UIDs come from
+:func:`edged.dicom.uids.result_uids`, so a re-run writes the same objects under the same UIDs.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from edged.dicom.uids import device_uid, result_uids
+from edged.dicom.uids import derived_uid, device_uid, result_uids
 from edged.inference.repository import ModelSpec
 from edged.results.seg import build_segmentation
-from edged.results.sr import SegmentRef, build_sr
+from edged.results.sr import PrebuiltItems, SegmentRef, build_sr
 from edged.spool.journal import Job, Journal, ResultRecord
 from edged.spool.store import RESULTS_DIR, SPOOL_DIR, Spool
-
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -38,7 +38,8 @@ def _store(spool: Spool, ds: Dataset) -> str:
     return relpath
 
 
-def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool) -> list[ResultRecord]:
+def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool,
+                 prebuilt: PrebuiltItems | None = None) -> list[ResultRecord]:
     findings = journal.report_findings(job.model, job.series_instance_uid)
     if not findings:
         return []  # every job on the series died: nothing to report (their errors are in the journal)
@@ -85,7 +86,7 @@ def build_report(job: Job, spec: ModelSpec, journal: Journal, spool: Spool) -> l
         predecessor = _predecessor(previous, evidence[0], uids.sr_series)
     sr = build_sr(spec=spec, evidence=evidence, extra_evidence=seg_evidence, findings=findings, series_uid=uids.sr_series,
                   sop_uid=uids.sr_instance, instance_number=job.generation + 1, device_uid=device_uid(),
-                  segments=segments, predecessor=predecessor)
+                  segments=segments, predecessor=predecessor, prebuilt=prebuilt)
     records.append(ResultRecord("sr", str(sr.SOPClassUID), uids.sr_instance, _store(spool, sr)))
     return records
 
@@ -114,3 +115,23 @@ def _predecessor(previous: dict[str, Any], evidence: Dataset, sr_series: str) ->
     ds.SeriesInstanceUID = sr_series
     return ds
 
+
+def warm_up(spec: ModelSpec) -> None:
+    """Build and encode (in memory, nothing stored) one small SR for ``spec`` from a synthetic header.
+
+    highdicom reads its tables of the DICOM standard (module and attribute maps, JSON) on first use:
+    ~0.6 s of CPU that would otherwise fall on the first report after each start, between a series'
+    quiet period and its SR reaching the PACS. The daemon runs this once at start-up, before its
+    listener binds."""
+    from edged.synthetic import ct_slice
+
+    series = derived_uid("warm-up", spec.name, spec.version)
+    header = ct_slice(0, study_uid=derived_uid("warm-up", "study"), series_uid=series, rows=8, columns=8)
+    del header.PixelData
+    labels = [label for out in spec.outputs for label in out.labels]
+    findings = [{"label": label.name, "present": True, "probability": 0.5, "measurements_dict": {},
+                 "level": "instance", "sop_instance_uid": str(header.SOPInstanceUID)} for label in labels]
+    uids = result_uids(series, spec.name, spec.version, 0)
+    sr = build_sr(spec=spec, evidence=[header], findings=findings, series_uid=uids.sr_series,
+                  sop_uid=uids.sr_instance, instance_number=1, device_uid=device_uid(), segments={})
+    _encode(sr)

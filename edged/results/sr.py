@@ -22,8 +22,10 @@ algorithm's output awaiting a radiologist.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from highdicom.sr import (
@@ -114,27 +116,79 @@ def _centroid_group(tracking: TrackingIdentifier, spec: ModelSpec, label: Any, m
         finding_type=coded(label.code), algorithm_id=algorithm(spec, label.threshold))
 
 
+def image_items(sop_class_uid: str, sop_instance_uid: str, probability: float,
+                area_mm2: float | None) -> tuple[SourceImageForMeasurementGroup, list[Measurement]]:
+    """The content items one positive image adds to its label's image-level group: the image as a source
+    of the group, and its probability (and area) as measurements inferred from that image."""
+    ref = [SourceImageForMeasurement(sop_class_uid, sop_instance_uid)]
+    measurements = [Measurement(name=PROBABILITY, value=probability, unit=UNITLESS, referenced_images=ref)]
+    if area_mm2 is not None:
+        measurements.append(Measurement(name=codes.SCT.Area, value=area_mm2, unit=MM2, referenced_images=ref))
+    return SourceImageForMeasurementGroup(sop_class_uid, sop_instance_uid), measurements
+
+
+ItemsKey = tuple[str, str, str, float, Optional[float]]
+
+
+class PrebuiltItems:
+    """Per-image content items built ahead, as each image's finding is made, so that a series' report
+    (written after its quiet period) has only the document to assemble; see :func:`image_items`.
+
+    A memo, never a source of truth: the report reads its findings from the journal and looks each positive
+    image up by everything its items are made from (label, SOP class and instance, probability, area);
+    a miss (evicted, a restart, another process) builds them there as before. An entry is taken once; the
+    least recently added go first past ``limit`` entries (each ~14 KiB: a dozen small datasets; 1024 of
+    them are ~3 wholly positive 300-slice series in progress, 14 MiB at most)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._items: OrderedDict[ItemsKey, tuple[SourceImageForMeasurementGroup, list[Measurement]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(label: str, sop_class_uid: str, sop_instance_uid: str, probability: float,
+            area_mm2: float | None) -> ItemsKey:
+        return (label, sop_class_uid, sop_instance_uid, float(probability),
+                None if area_mm2 is None else float(area_mm2))
+
+    def add(self, label: str, sop_class_uid: str, sop_instance_uid: str, probability: float,
+            area_mm2: float | None) -> None:
+        key = self.key(label, sop_class_uid, sop_instance_uid, probability, area_mm2)
+        items = image_items(*key[1:])
+        with self._lock:
+            self._items[key] = items
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def take(self, key: ItemsKey) -> tuple[SourceImageForMeasurementGroup, list[Measurement]] | None:
+        with self._lock:
+            return self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def _image_level_group(spec: ModelSpec, label: Any, findings: list[dict[str, Any]], by_uid: dict[str, Dataset],
-                       series_uid: str) -> MeasurementsAndQualitativeEvaluations:
+                       series_uid: str, per_image: bool = True,
+                       prebuilt: PrebuiltItems | None = None) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 for one label over a series' images: present if any image is; the highest probability;
     and for each image where the finding is present, its probability (and area) inferred from that image.
 
     One group per label and series, not per image: a viewer shows the slices with findings, and the
-    document stays small (highdicom's cost grows with every content item)."""
+    document stays small (highdicom's cost grows with every content item). ``per_image=False``: the
+    same group without the per-image items (see :func:`build_sr`); ``prebuilt``: items built ahead."""
     positives = [f for f in findings if f["present"]]
     top = max(findings, key=lambda f: f["probability"])
     measurements = [Measurement(name=PROBABILITY, value=float(top["probability"]), unit=UNITLESS)]
     images = []
-    for f in positives:
+    for f in positives if per_image else ():
         ds = by_uid[f["sop_instance_uid"]]
-        ref = [SourceImageForMeasurement(str(ds.SOPClassUID), str(ds.SOPInstanceUID))]
-        images.append(SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
-        measurements.append(Measurement(name=PROBABILITY, value=float(f["probability"]), unit=UNITLESS,
-                                        referenced_images=ref))
-        m = f["measurements_dict"]
-        if "area_mm2" in m:
-            measurements.append(Measurement(name=codes.SCT.Area, value=float(m["area_mm2"]), unit=MM2,
-                                            referenced_images=ref))
+        area = f["measurements_dict"].get("area_mm2")
+        key = PrebuiltItems.key(label.name, str(ds.SOPClassUID), str(ds.SOPInstanceUID), f["probability"], area)
+        items = prebuilt.take(key) if prebuilt is not None else None
+        source, image_measurements = items if items is not None else image_items(*key[1:])
+        images.append(source)
+        measurements += image_measurements
     evaluation = QualitativeEvaluation(name=coded(label.code), value=PRESENT if positives else ABSENT)
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=derived_uid("tracking", series_uid, spec.name, spec.version,
@@ -145,7 +199,8 @@ def _image_level_group(spec: ModelSpec, label: Any, findings: list[dict[str, Any
 
 def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[str, Any]], series_uid: str,
              sop_uid: str, instance_number: int, device_uid: str, segments: dict[str, SegmentRef],
-             predecessor: Dataset | None = None, extra_evidence: list[Dataset] = ()) -> Comprehensive3DSR:  # type: ignore[assignment]
+             predecessor: Dataset | None = None, extra_evidence: list[Dataset] = (),  # type: ignore[assignment]
+             prebuilt: PrebuiltItems | None = None) -> Comprehensive3DSR:
     """The TID 1500 report for one model on one series.
 
     ``evidence``: header-only datasets of the source images (highdicom copies them; no pixel data).
@@ -153,15 +208,22 @@ def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[st
     ``segments``: label name -> SEG segment, for labels whose mask went into a SEG.
     ``predecessor``: the report this one supersedes (a reopened series), referenced as a previous version.
     ``extra_evidence``: other objects the content references (the SEG), header only.
+    ``prebuilt``: per-image items built ahead (taken from it where they match the findings).
     """
     labels = {label.name: label for out in spec.outputs for label in out.labels}
     by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
     frame_of_reference = str(getattr(evidence[0], "FrameOfReferenceUID", "") or "") or None
     groups: list[Any] = []
+    # Groups whose per-image items highdicom's document constructor need not see: index -> the full group
+    full_groups: dict[int, MeasurementsAndQualitativeEvaluations] = {}
     per_image = [f for f in findings if f["level"] == "instance"]
     for label_name in dict.fromkeys(f["label"] for f in per_image):
-        groups.append(_image_level_group(spec, labels[label_name], [f for f in per_image if f["label"] == label_name],
-                                         by_uid, series_uid))
+        label_findings = [f for f in per_image if f["label"] == label_name]
+        group = _image_level_group(spec, labels[label_name], label_findings, by_uid, series_uid, prebuilt=prebuilt)
+        if any(f["present"] for f in label_findings):
+            full_groups[len(groups)] = group
+            group = _image_level_group(spec, labels[label_name], label_findings, by_uid, series_uid, per_image=False)
+        groups.append(group)
     for f in (f for f in findings if f["level"] != "instance"):
         label = labels[f["label"]]
         measurements, evaluation = _common(f, label)
@@ -195,10 +257,35 @@ def build_sr(*, spec: ModelSpec, evidence: list[Dataset], findings: list[dict[st
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURES.get(modality, IMAGING_PROCEDURE),
         imaging_measurements=groups)
-    return Comprehensive3DSR(
+    sr = Comprehensive3DSR(
         evidence=[*evidence, *extra_evidence], content=report[0], series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
         sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer="edged",
         is_complete=True, is_final=False, is_verified=False,
         series_description=f"edged {spec.name} {spec.version}"[:64],
         previous_versions=[predecessor] if predecessor is not None else None,
     )
+    if full_groups:
+        _put_back_per_image_items(sr, full_groups)
+    return sr
+
+
+def _put_back_per_image_items(sr: Comprehensive3DSR, full_groups: dict[int, Any]) -> None:
+    """Give the document's image-level groups their per-image items (highdicom built them, in the full groups).
+
+    highdicom's document constructor deep-copies its whole content tree, parses the copy back into its
+    own classes and searches it twice for image references: with one measurement and one source image
+    per positive slice that was most of an SR's cost, growing with the findings. So the constructor gets
+    each group without its per-image items, and here each such group's Content Sequence is replaced by the
+    full group's, built by highdicom from the same arguments (tests/unit/test_sr.py: the documents are the
+    same). What the constructor's search would have checked, that every image referenced is evidence, holds
+    by construction: :func:`_image_level_group` finds each image it references among the evidence. The
+    returned object's parsed ``content`` view is highdicom's of the constructor's content;
+    the dataset (what is written and sent) is the full document."""
+    (container,) = [item for item in sr.ContentSequence
+                    if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value]
+    for index, group in full_groups.items():
+        (full,) = group  # a highdicom template: its one root container item
+        target = container.ContentSequence[index]
+        tracking = [str(i.UID) for i in target.ContentSequence if i.ValueType == "UIDREF"]
+        assert tracking == [str(i.UID) for i in full.ContentSequence if i.ValueType == "UIDREF"]
+        target.ContentSequence = full.ContentSequence

@@ -423,6 +423,12 @@ class Journal:
                 self._settle_instances(conn, [uid for uid, _ in rows])
         return done
 
+    def next_series_due(self, quiet_seconds: float) -> float | None:
+        """When the earliest open series will have been quiet for ``quiet_seconds`` (a time), or None."""
+        with self._lock:
+            row = self._c().execute("SELECT MIN(last_received) FROM series WHERE state = 'open'").fetchone()
+        return None if row[0] is None else float(row[0]) + quiet_seconds
+
     def claim_jobs(self, model: str | None, limit: int, lease_seconds: float, token: str,
                    now: float | None = None, reports: bool = False) -> list[Job]:
         """Lease up to ``limit`` runnable jobs (pending, or failed and due for retry).
@@ -439,12 +445,21 @@ class Journal:
             args: tuple = ()
         else:
             where, args = "r.model = ? AND r.level != 'report'", (model,)
+        # "state IN (...)" first: SQLite then searches jobs_state (state, model, id) for the few runnable jobs;
+        # with only the OR it searched every job the model ever had (jobs_unique by model), and the journal
+        # keeps days of finished jobs.
+        query = ("SELECT r.id, r.model, r.model_version, r.level, r.sop_instance_uid, r.series_instance_uid,"
+                 f" r.generation, r.attempts FROM jobs r WHERE r.state IN ('pending', 'failed') AND {where}"
+                 " AND (r.state = 'pending' OR r.retry_at <= ?)"
+                 " ORDER BY r.id LIMIT ?")
+        # The pipeline asks on every wake and mostly finds nothing: look first without taking the write lock
+        # (a read of the committed state); only when there is something, claim it in a write transaction,
+        # which looks again.
+        with self._lock:
+            if not self._c().execute(query, (*args, now, 1)).fetchone():
+                return []
         with self._tx() as conn:
-            rows = conn.execute(
-                "SELECT r.id, r.model, r.model_version, r.level, r.sop_instance_uid, r.series_instance_uid,"
-                f" r.generation, r.attempts FROM jobs r WHERE {where}"
-                " AND (r.state = 'pending' OR (r.state = 'failed' AND r.retry_at <= ?))"
-                " ORDER BY r.id LIMIT ?", (*args, now, limit)).fetchall()
+            rows = conn.execute(query, (*args, now, limit)).fetchall()
             for row in rows:
                 conn.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = ?, lease_until = ?,"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -197,3 +198,42 @@ def test_masks_go_with_the_last_instance_of_their_series(j: Journal) -> None:
 def test_nothing_is_purged_without_a_destination(j: Journal) -> None:
     _report_done(j, [])
     assert j.purge(older_than=time.time() + 3600) == ([], [], [])
+
+
+def test_next_series_due_is_the_earliest_open_series_end_of_quiet(j: Journal) -> None:
+    assert j.next_series_due(2.0) is None
+    j.add_instance(dataclasses.replace(rec("1", series="a"), received_at=100.0), [SEG])
+    j.add_instance(dataclasses.replace(rec("2", series="b"), received_at=50.0), [SEG])
+    assert j.next_series_due(2.0) == 52.0
+    j.complete_series(2.0, now=60.0)  # b is complete, a still open
+    assert j.next_series_due(2.0) == 102.0
+
+
+def test_claims_take_each_runnable_job_once_and_nothing_when_none_is(j: Journal) -> None:
+    assert j.claim_jobs("cls", 5, 60, "tok") == []
+    assert j.claim_jobs(None, 5, 60, "tok", reports=True) == []
+    for uid in ("1", "2", "3"):
+        j.add_instance(rec(uid), [CLS])
+    first = j.claim_jobs("cls", 2, 60, "tok")
+    second = j.claim_jobs("cls", 5, 60, "tok")
+    assert [x.sop_instance_uid for x in first + second] == ["1", "2", "3"]
+    assert j.claim_jobs("cls", 5, 60, "tok") == []
+
+
+@pytest.mark.parametrize("reports", [False, True])
+def test_a_claim_searches_only_runnable_jobs_not_the_history(j: Journal, reports: bool) -> None:
+    # The journal keeps days of finished jobs: claiming (on every stored instance) must find the runnable
+    # ones through the (state, model, id) index, not by reading every job the model ever had.
+    j.add_instance(rec("1"), [CLS])
+    statements: list[str] = []
+    conn = j._c()
+    conn.set_trace_callback(statements.append)
+    try:
+        j.claim_jobs(None if reports else "cls", 4, 60, "tok", reports=reports)
+    finally:
+        conn.set_trace_callback(None)
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM jobs r" in s]
+    assert selects
+    for sql in selects:
+        plan = " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "USING INDEX jobs_state" in plan, plan

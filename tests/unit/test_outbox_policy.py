@@ -84,3 +84,21 @@ def test_association_outcomes_against_a_real_scp() -> None:
             held.release()
     finally:
         server.shutdown()
+
+
+def test_the_outbox_association_has_nagle_off() -> None:
+    # pynetdicom leaves Nagle's algorithm on; a C-STORE's small command PDU followed by the dataset can
+    # then wait for a delayed ACK. The outbox turns it off on every association it opens.
+    port = _free_port()
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(CTImageStorage)
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        sender = _sender(port, "PACS")
+        assoc = sender._associate({(CTImageStorage, "1.2.840.10008.1.2.1")})
+        try:
+            assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            sender._release()
+    finally:
+        server.shutdown()

@@ -40,3 +40,28 @@ def test_a_bad_record_fails_its_job_only(tmp_path: Path) -> None:
         assert "could not be recorded" in error
     finally:
         journal.close()
+
+
+def test_a_series_completes_at_the_end_of_its_quiet_period_not_at_the_next_poll(tmp_path: Path) -> None:
+    # poll_seconds is long; the control loop still completes the series once it has been quiet.
+    import time
+
+    journal = Journal.open(tmp_path)
+    pipeline = Pipeline(journal, Spool(tmp_path), {}, {}, PipelineConfig(poll_seconds=60, series_quiet_seconds=0.2),
+                        Metrics())
+    try:
+        pipeline.start()
+        journal.add_instance(_rec("1"), [Route("seg", "1", "series")])
+        pipeline.notify()
+        deadline = time.monotonic() + 30  # far below the 60 s poll interval
+        while time.monotonic() < deadline:
+            with sqlite3.connect(tmp_path / "journal.sqlite3") as db:
+                if db.execute("SELECT state FROM series").fetchone()[0] == "complete":
+                    break
+            time.sleep(0.05)
+        with sqlite3.connect(tmp_path / "journal.sqlite3") as db:
+            assert db.execute("SELECT state FROM series").fetchone()[0] == "complete"
+            assert db.execute("SELECT COUNT(*) FROM jobs WHERE level = 'series'").fetchone()[0] == 1
+    finally:
+        pipeline.stop(1)
+        journal.close()
