@@ -114,7 +114,9 @@ def test_corrupt_pixel_data_fails_only_its_own_job(edged_factory, tmp_path: Path
 
 def test_kill9_mid_inference_every_job_finishes_once(edged_factory, tmp_path: Path) -> None:
     files = write_series(tmp_path / "ct", 40, seed=4)
-    edged = edged_factory(pipeline=PIPELINE).start()
+    # A quiet period long enough that the series and report jobs cannot all have run before the kill, even
+    # on a loaded machine (the instance jobs of this small classifier keep pace with storescu).
+    edged = edged_factory(pipeline={**PIPELINE, "series_quiet_seconds": 5.0}).start()
     storescu(edged, files)
     deadline = time.monotonic() + 60
     while sum(r["state"] == "done" for r in jobs(edged)) < 3 and time.monotonic() < deadline:
