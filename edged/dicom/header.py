@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import BinaryIO, Callable
 from io import BytesIO
 
 from pydicom.filereader import read_dataset
@@ -53,7 +53,7 @@ class _Truncated(Exception):
         self.tag = tag
 
 
-def _stop_at_pixels(fp: BytesIO, total: int) -> Callable[[BaseTag, "str | None", int], bool]:
+def _stop_at_pixels(fp: BinaryIO, total: int) -> Callable[[BaseTag, "str | None", int], bool]:
     """A ``stop_when`` for pydicom that also refuses a top-level element running past the end.
 
     pydicom reads a value shorter than its declared length without complaint; a truncated dataset
@@ -89,19 +89,38 @@ def _int(ds: object, keyword: str) -> int | None:
 def read_header(stream: bytes | memoryview, transfer_syntax: str) -> Header:
     """Decode the header of an encoded dataset (no file meta) sent with ``transfer_syntax``."""
     ts = UID(transfer_syntax)
-    data: bytes | memoryview = stream
-    total = len(stream)
     if ts == DeflatedExplicitVRLittleEndian:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        try:
-            data = inflater.decompress(bytes(stream), _MAX_INFLATE)
-        except zlib.error:
-            raise HeaderError("deflated dataset could not be inflated") from None
-        # Only the start was inflated: lengths can be checked against the end only if it was reached.
-        total = len(data) if not inflater.unconsumed_tail else sys.maxsize
+        return _read_deflated(stream, ts)
+    return _read(BytesIO(stream), len(stream), ts)
+
+
+def read_header_at(fp: BinaryIO, start: int, end: int, transfer_syntax: str) -> Header:
+    """Like :func:`read_header`, for a dataset that is ``fp[start:end]`` (a seekable file object that also
+    exposes its bytes as a buffer, such as an ``mmap`` of a spooled file). Only the header's bytes are
+    read: nothing is copied up to Pixel Data, whatever the dataset's size."""
+    ts = UID(transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian:
+        with memoryview(fp)[start:end] as view:  # type: ignore[arg-type]
+            return _read_deflated(view, ts)
+    fp.seek(start)
+    return _read(fp, end, ts)
+
+
+def _read_deflated(stream: bytes | memoryview, ts: UID) -> Header:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(stream, _MAX_INFLATE)
+    except zlib.error:
+        raise HeaderError("deflated dataset could not be inflated") from None
+    # Only the start was inflated: lengths can be checked against the end only if it was reached.
+    total = len(data) if not inflater.unconsumed_tail else sys.maxsize
+    return _read(BytesIO(data), total, ts)
+
+
+def _read(fp: BinaryIO, total: int, ts: UID) -> Header:
+    """Read from ``fp`` (positioned at the dataset) to at most ``total`` (an absolute position)."""
     if not ts.is_transfer_syntax:
         raise HeaderError("unknown transfer syntax")
-    fp = BytesIO(data)
     try:
         ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels(fp, total))
         return Header(
