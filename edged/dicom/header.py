@@ -106,6 +106,15 @@ def read_header_at(fp: BinaryIO, start: int, end: int, transfer_syntax: str) -> 
     return _read(fp, end, ts)
 
 
+def read_header_head(head: bytes, total: int, transfer_syntax: str) -> Header:
+    """Like :func:`read_header`, from the first bytes (``head``) of a data set of ``total`` bytes: the
+    header must lie within ``head``."""
+    ts = UID(transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian:
+        return _read_deflated(head, ts)
+    return _read(BytesIO(head), total, ts)
+
+
 def _read_deflated(stream: bytes | memoryview, ts: UID) -> Header:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:

@@ -49,7 +49,7 @@ from edged.dicom.filemeta import encode_file_meta
 from edged.dicom.guard import Guard, Limits
 from edged.dicom.server import ListeningServer, start_server
 from edged.dicom.stream import Incoming
-from edged.dicom.header import Header, HeaderError, read_header, read_header_at
+from edged.dicom.header import Header, HeaderError, read_header, read_header_at, read_header_head
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
 from edged.metrics import Metrics
 from edged.pipeline.router import Router
@@ -232,19 +232,16 @@ class StoreHandler:
         try:
             header = read()
         except HeaderError as exc:
+            header, refusal = None, (status.CANNOT_DECODE, exc.reason)
+        else:
+            refusal = self._header_refusal(header, sop_class, request_instance)
+        if refusal is not None:
+            # A streamed data set whose writing failed has only its head on disk: what went wrong is the write.
             failed = write_failure() if write_failure is not None else None
             if failed is not None:
                 return failed
-            return self._fail(stats, status.CANNOT_DECODE, exc.reason, sop_class=sop_class)
-        if not header.sop_instance_uid:
-            return self._fail(stats, status.NO_SOP_INSTANCE_UID, "dataset has no SOP Instance UID",
-                              sop_class=sop_class)
-        if header.sop_class_uid != sop_class:
-            return self._fail(stats, status.DATASET_MISMATCH,
-                              "SOP Class UID differs from the presentation context", sop_class=sop_class)
-        if header.sop_instance_uid != request_instance:
-            return self._fail(stats, status.DATASET_MISMATCH,
-                              "SOP Instance UID differs from the C-STORE request", sop_class=sop_class)
+            return self._fail(stats, *refusal, sop_class=sop_class)
+        assert header is not None
 
         uid = header.sop_instance_uid
         with self._uid_locks[hash(uid) % _UID_LOCK_STRIPES]:
@@ -261,6 +258,16 @@ class StoreHandler:
             except JournalError:
                 return self._fail(stats, status.OUT_OF_RESOURCES, "journal unavailable", resource="journal")
             return persist(header)
+
+    @staticmethod
+    def _header_refusal(header: Header, sop_class: str, request_instance: str) -> tuple[int, str] | None:
+        if not header.sop_instance_uid:
+            return status.NO_SOP_INSTANCE_UID, "dataset has no SOP Instance UID"
+        if header.sop_class_uid != sop_class:
+            return status.DATASET_MISMATCH, "SOP Class UID differs from the presentation context"
+        if header.sop_instance_uid != request_instance:
+            return status.DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request"
+        return None
 
     def _check_resources(self, size: int) -> None:
         if self.journal.pending >= self.max_pending:
@@ -338,8 +345,8 @@ class StoreHandler:
         stats = self._stats_for(assoc)
 
         def read() -> Header:
-            if inc.fd < 0:
-                raise HeaderError("spool write failed")
+            if inc.failed:  # only the head is known for sure
+                return read_header_head(bytes(inc.head), inc.size - inc.meta_len, inc.transfer_syntax)
             try:
                 with mmap.mmap(inc.fd, 0, access=mmap.ACCESS_READ) as mm:
                     return read_header_at(mm, inc.meta_len, len(mm), inc.transfer_syntax)
@@ -368,7 +375,7 @@ class StoreHandler:
                                   resource="disk", errno=exc.errno)
             return self._record(assoc, stats, header, inc.transfer_syntax, relpath, inc.size)
 
-        failed = inc.error is not None or inc.over_budget or inc.fd < 0
+        failed = inc.failed
         return self._checked(stats, inc.abstract_syntax, inc.command.sop_instance_uid, read, inc.size - inc.meta_len,
                              persist, on_disk=inc.written,
                              write_failure=write_failure if failed else None)

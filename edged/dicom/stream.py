@@ -50,7 +50,7 @@ import os
 import re
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,6 +75,9 @@ log = logging.getLogger("edged.scp")
 
 #: Bytes read from the socket per write to the spool (one buffer per association, reused).
 CHUNK = 256 * 1024
+#: The first bytes of each data set are also kept in memory: when writing it failed (a full disk), its
+#: header is read from them, so that a duplicate still gets Success and a refusal its proper reason.
+HEAD = 64 * 1024
 
 _C_STORE_RQ = 0x0001
 _NO_DATASET = 0x0101
@@ -162,20 +165,35 @@ class Incoming:
     meta_len: int = 0
     size: int = 0  # bytes of the file as received: preamble + File Meta + data set
     written: int = 0  # of which on disk
-    budget: int = 0  # most bytes that may be written without eating into min_free_bytes
+    #: Most bytes that may be written: the data set must leave ``min_free_bytes`` free, as the in-memory
+    #: path checks before it writes (the preamble and File Meta are not counted, there as here).
+    budget: int = 0
     error: OSError | None = None
     over_budget: bool = False
+    head: bytearray = field(default_factory=bytearray)  # the data set's first HEAD bytes
+
+    @property
+    def failed(self) -> bool:
+        """Whether the file on disk is not the whole message (a write failed or would have eaten into the
+        free-space reserve)."""
+        return self.fd < 0 or self.error is not None or self.over_budget
 
     def open(self, meta: bytes, min_free_bytes: int) -> None:
         try:
-            self.budget = self.spool.free_bytes() - min_free_bytes
+            self.budget = self.spool.free_bytes() - min_free_bytes + len(meta)
             self.fd, self.tmp = self.spool.open_temp()
         except OSError as exc:
             self.error = exc
         self.meta_len = len(meta)
-        self.write(memoryview(meta))
+        self._put(memoryview(meta))
 
     def write(self, data: memoryview) -> None:
+        """Append a data-set fragment."""
+        if len(self.head) < HEAD:
+            self.head += data[:HEAD - len(self.head)]
+        self._put(data)
+
+    def _put(self, data: memoryview) -> None:
         n = len(data)
         self.size += n
         if self.fd < 0 or self.error is not None or self.over_budget:
