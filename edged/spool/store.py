@@ -159,7 +159,7 @@ class Spool:
 
     def open_temp(self) -> tuple[int, Path]:
         """A new, empty temp file opened for reading and writing (for a dataset written as it arrives):
-        the caller writes to the descriptor and then :meth:`place`\ s or :meth:`abandon`\ s it."""
+        the caller writes to the descriptor, then places (:meth:`place`) or abandons (:meth:`abandon`) it."""
         with self._counter_lock:
             self._counter += 1
             n = self._counter
