@@ -5,6 +5,18 @@ meta) go to a temp file in the spool, renamed to their final name and fsynced; t
 fsynced and the instance committed to the journal (both shared by every association committing at that
 moment: :mod:`edged.spool.commit`), and only then is Success (0x0000) returned. It never
 decodes pixel data, never runs a model and never talks to the PACS.
+
+Two ways in, one set of checks (:meth:`StoreHandler._checked`: header, UIDs, duplicate, resources, in
+that order, with the same statuses, logs, metrics and audit records):
+
+* **Streamed** (the usual way, :mod:`edged.dicom.stream`): the association's DUL thread writes a plain
+  C-STORE's data set to a spool temp file as its fragments arrive and calls
+  :meth:`StoreHandler.store_streamed` after the last one; the header is read from the head of that file.
+  ``edged_store_seconds`` then times the work after the last fragment (header, checks, rename, fsync,
+  commit); the ``receive`` CPU counter includes the writes done while the data set arrived.
+* **In memory** (:meth:`StoreHandler.on_store`, bound to ``EVT_C_STORE``): whatever pynetdicom assembles
+  itself (a peer whose maximum PDU cannot hold a one-PDV response, odd command sets, an association
+  with PDU/DIMSE event handlers bound).
 """
 
 from __future__ import annotations
