@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sys
 import zlib
 from dataclasses import dataclass
@@ -16,6 +17,11 @@ from edged.errors import EdgedError
 
 #: Reading stops at the first element at or past Pixel Data: nothing after it is recorded.
 _PIXEL_DATA = 0x7FE00010
+_HEADER_BUFFER = 64 * 1024
+_int_ge = int.__ge__  # BaseTag's own comparison is Python code, called for every element
+#: The elements :class:`Header` is made of (and the character set): pydicom skips the values of the others.
+_WANTED = [0x00080005, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00080060, 0x00180015, 0x0008103E,
+           0x00280010, 0x00280011, 0x00280008, 0x00201002]
 #: A deflated header is inflated at most this far (the recorded attributes are near the start).
 _MAX_INFLATE = 4 << 20
 
@@ -63,7 +69,7 @@ def _stop_at_pixels(fp: BinaryIO, total: int) -> Callable[[BaseTag, "str | None"
     def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
         if length != _UNDEFINED_LENGTH and fp.tell() + length > total:
             raise _Truncated(tag)
-        return tag >= _PIXEL_DATA
+        return _int_ge(tag, _PIXEL_DATA)
 
     return stop
 
@@ -94,16 +100,20 @@ def read_header(stream: bytes | memoryview, transfer_syntax: str) -> Header:
     return _read(BytesIO(stream), len(stream), ts)
 
 
-def read_header_at(fp: BinaryIO, start: int, end: int, transfer_syntax: str) -> Header:
-    """Like :func:`read_header`, for a dataset that is ``fp[start:end]`` (a seekable file object that also
-    exposes its bytes as a buffer, such as an ``mmap`` of a spooled file). Only the header's bytes are
-    read: nothing is copied up to Pixel Data, whatever the dataset's size."""
+def read_header_at(fd: int, start: int, end: int, transfer_syntax: str) -> Header:
+    """Like :func:`read_header`, for a data set that is bytes ``start:end`` of the open file ``fd`` (a
+    spooled data set after its File Meta). Only the header is read (through a 64 KiB buffer), whatever
+    the data set's size; a deflated one is inflated from an ``mmap`` of the file, at most as far as
+    :func:`read_header` would. The file's offset is moved."""
     ts = UID(transfer_syntax)
     if ts == DeflatedExplicitVRLittleEndian:
-        with memoryview(fp)[start:end] as view:  # type: ignore[arg-type]
-            return _read_deflated(view, ts)
-    fp.seek(start)
-    return _read(fp, end, ts)
+        with mmap.mmap(fd, end, access=mmap.ACCESS_READ) as mm, memoryview(mm) as whole:
+            with whole[start:end] as view:
+                return _read_deflated(view, ts)
+    with open(fd, "rb", buffering=_HEADER_BUFFER, closefd=False) as fp:  # seeks past the end as BytesIO does
+        fp.raw.name = "<spooled data set>"  # pydicom puts the name in messages: not a number
+        fp.seek(start)
+        return _read(fp, end, ts)
 
 
 def read_header_head(head: bytes, total: int, transfer_syntax: str) -> Header:
@@ -131,7 +141,8 @@ def _read(fp: BinaryIO, total: int, ts: UID) -> Header:
     if not ts.is_transfer_syntax:
         raise HeaderError("unknown transfer syntax")
     try:
-        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels(fp, total))
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels(fp, total),
+                          specific_tags=_WANTED)
         return Header(
             sop_class_uid=_text(ds, "SOPClassUID"),
             sop_instance_uid=_text(ds, "SOPInstanceUID"),

@@ -22,7 +22,6 @@ that order, with the same statuses, logs, metrics and audit records):
 from __future__ import annotations
 
 import logging
-import mmap
 import ssl
 import threading
 import time
@@ -360,8 +359,7 @@ class StoreHandler:
             if inc.failed:  # only the head is known for sure
                 return read_header_head(bytes(inc.head), inc.size - inc.meta_len, inc.transfer_syntax)
             try:
-                with mmap.mmap(inc.fd, 0, access=mmap.ACCESS_READ) as mm:
-                    return read_header_at(mm, inc.meta_len, len(mm), inc.transfer_syntax)
+                return read_header_at(inc.fd, inc.meta_len, inc.written, inc.transfer_syntax)
             except (OSError, ValueError):
                 raise HeaderError("spooled dataset could not be read") from None
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import zlib
 
 import pytest
@@ -76,3 +78,49 @@ def test_compressed_deflate_roundtrip() -> None:
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     deflated = c.compress(body) + c.flush()
     assert read_header(deflated, "1.2.840.10008.1.2.1.99").sop_instance_uid == "1.2.3.4"
+
+
+def test_a_spooled_data_set_reads_as_the_same_bytes_in_memory(tmp_path) -> None:
+    """read_header_at (the streamed path: from the spool file) gives what read_header (in memory) gives,
+    Header or refusal, for the pydicom corpus whole, cut short and with a few bytes changed."""
+    import random
+    from io import BytesIO
+    from pathlib import Path
+
+    import pydicom
+    from pydicom.data import get_testdata_files
+
+    from edged.dicom.header import HeaderError, read_header, read_header_at
+
+    def outcome(read, *args):
+        try:
+            return read(*args)
+        except HeaderError as exc:
+            return exc.reason
+
+    rng = random.Random(7)
+    compared = 0
+    spool = tmp_path / "spooled"
+    for f in get_testdata_files():
+        raw = Path(f).read_bytes() if Path(f).is_file() else b""
+        if len(raw) < 144 or raw[128:132] != b"DICM":
+            continue
+        end = 144 + int.from_bytes(raw[140:144], "little")
+        try:
+            ts = str(pydicom.dcmread(BytesIO(raw[:end])).file_meta.TransferSyntaxUID)
+        except Exception:  # noqa: BLE001 - no usable file meta
+            continue
+        data = raw[end:]
+        for cut in (len(data), rng.randrange(max(1, min(len(data), 3000)))):
+            sample = bytearray(data[:cut])
+            if sample and cut != len(data):
+                sample[rng.randrange(len(sample))] = rng.randrange(256)
+            spool.write_bytes(b"M" * 200 + sample)
+            fd = os.open(spool, os.O_RDONLY)
+            try:
+                streamed = outcome(read_header_at, fd, 200, 200 + len(sample), ts)
+            finally:
+                os.close(fd)
+            assert streamed == outcome(read_header, bytes(sample), ts), (Path(f).name, cut)
+            compared += 1
+    assert compared > 200
