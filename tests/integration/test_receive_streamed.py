@@ -9,7 +9,7 @@
   small for a one-PDV response (pynetdicom's path).
 * A message that never ends (A-ABORT, a closed connection, an A-RELEASE-RQ mid data set) or runs over
   ``max_message_bytes`` leaves no temp file and no journal row, and the daemon goes on serving.
-* A data set far larger than the PDU is not held in memory: the daemon's peak RSS grows by a fraction of it.
+* (Memory: tests/integration/test_receive_memory.py.)
 """
 
 from __future__ import annotations
@@ -279,37 +279,3 @@ def test_a_data_set_over_the_message_limit_is_aborted_mid_stream(edged_factory, 
     assert edged.rows() == [] and edged.spool_files() == []
     res = run([require_tool("storescu"), "-aec", "EDGED", "127.0.0.1", str(edged.port), str(slices[5])])
     assert res.returncode == 0, res.stderr
-
-
-# -- memory ------------------------------------------------------------------------------------------
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
-def test_a_large_data_set_is_not_held_in_memory(edged_factory, tmp_path: Path) -> None:
-    """A 96 MiB data set in 16 KiB PDUs: the daemon's peak RSS grows by far less than the data set (the
-    in-memory path held all of it, twice: pynetdicom's BytesIO and the copy it hands the handler)."""
-    big = write_ct_series(tmp_path / "big", 1, rows=4096, columns=4096)[0]  # 32 MiB of pixels
-    ds = pydicom.dcmread(big)
-    ds.NumberOfFrames = 3
-    ds.PixelData = ds.PixelData * 3  # 96 MiB
-    ds.save_as(big, enforce_file_format=True)
-    size_mib = big.stat().st_size / 2**20
-    (tmp_path / "no-models").mkdir()
-    edged = edged_factory(engines={"dir": str(tmp_path / "no-models")}).start()
-    assert edged.proc is not None
-    res = run([require_tool("echoscu"), "-aec", "EDGED", "127.0.0.1", str(edged.port)])  # warm
-    assert res.returncode == 0
-    Path(f"/proc/{edged.proc.pid}/clear_refs").write_text("5")  # reset the peak to the current RSS
-    before = peak_rss_mib(edged.proc.pid)
-    res = run([require_tool("storescu"), "--max-pdu", "16384", "-aec", "EDGED", "127.0.0.1", str(edged.port), str(big)],
-              timeout=300)
-    assert res.returncode == 0, res.stderr
-    grew = peak_rss_mib(edged.proc.pid) - before
-    assert len(edged.rows()) == 1 and edged.temp_files() == []
-    assert grew < size_mib / 4, f"peak RSS grew {grew:.1f} MiB receiving a {size_mib:.0f} MiB data set"
-    print(f"peak RSS grew {grew:.1f} MiB receiving a {size_mib:.0f} MiB data set")
