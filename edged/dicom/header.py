@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import mmap
+import struct
 import sys
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 from io import BytesIO
 
+from pydicom.charset import default_encoding
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -83,6 +87,43 @@ def _text(ds: object, keyword: str) -> str:
     return str(value).strip().strip("\x00")
 
 
+#: Elements whose value pydicom decodes without the character set: converted here from the raw bytes,
+#: exactly as pydicom would (``convert_UI``/``convert_string`` and ``multi_string``), when their VR is
+#: the expected one (or implicit). Anything else goes through pydicom.
+_RAW_TEXT = {0x00080016: ("SOPClassUID", "UI"), 0x00080018: ("SOPInstanceUID", "UI"),
+             0x0020000D: ("StudyInstanceUID", "UI"), 0x0020000E: ("SeriesInstanceUID", "UI"),
+             0x00080060: ("Modality", "CS"), 0x00180015: ("BodyPartExamined", "CS")}
+_RAW_US = {0x00280010: "Rows", 0x00280011: "Columns"}
+
+
+def _raw_text(ds: Dataset, tag: int) -> str:
+    """:func:`_text` for a tag of :data:`_RAW_TEXT`, without pydicom's per-element conversion."""
+    keyword, vr = _RAW_TEXT[tag]
+    raw = ds.get_item(tag)
+    if raw is None:
+        return ""
+    if not (isinstance(raw, RawDataElement) and raw.VR in (vr, None) and isinstance(raw.value, bytes)):
+        return _text(ds, keyword)
+    value = raw.value.decode(default_encoding)
+    if vr == "UI":
+        value = value.rstrip("\0 ")
+    items = value.rstrip(" \x00").split("\\")
+    if len(items) > 1:
+        raise HeaderError(f"{keyword} has more than one value")
+    return items[0].strip().strip("\x00")
+
+
+def _raw_us(ds: Dataset, tag: int) -> int | None:
+    """:func:`_int` for a tag of :data:`_RAW_US` (one unsigned short), without pydicom's conversion."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return None
+    if isinstance(raw, RawDataElement) and raw.VR in ("US", None) and isinstance(raw.value, bytes) \
+            and len(raw.value) == 2:
+        return int(struct.unpack("<H" if raw.is_little_endian else ">H", raw.value)[0])
+    return _int(ds, _RAW_US[tag])
+
+
 def _int(ds: object, keyword: str) -> int | None:
     """An integer attribute, or None when absent, empty or not a number (routing treats it as unknown)."""
     try:
@@ -144,15 +185,15 @@ def _read(fp: BinaryIO, total: int, ts: UID) -> Header:
         ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels(fp, total),
                           specific_tags=_WANTED)
         return Header(
-            sop_class_uid=_text(ds, "SOPClassUID"),
-            sop_instance_uid=_text(ds, "SOPInstanceUID"),
-            study_instance_uid=_text(ds, "StudyInstanceUID"),
-            series_instance_uid=_text(ds, "SeriesInstanceUID"),
-            modality=_text(ds, "Modality"),
-            body_part=_text(ds, "BodyPartExamined"),
+            sop_class_uid=_raw_text(ds, 0x00080016),
+            sop_instance_uid=_raw_text(ds, 0x00080018),
+            study_instance_uid=_raw_text(ds, 0x0020000D),
+            series_instance_uid=_raw_text(ds, 0x0020000E),
+            modality=_raw_text(ds, 0x00080060),
+            body_part=_raw_text(ds, 0x00180015),
             series_description=_text(ds, "SeriesDescription"),
-            rows=_int(ds, "Rows") or 0,
-            columns=_int(ds, "Columns") or 0,
+            rows=_raw_us(ds, 0x00280010) or 0,
+            columns=_raw_us(ds, 0x00280011) or 0,
             number_of_frames=_int(ds, "NumberOfFrames") or 1,
             images_in_acquisition=_int(ds, "ImagesInAcquisition"),
         )
