@@ -178,7 +178,8 @@ class Metrics:
                                       registry=r)
         self.store_seconds = Histogram(
             "edged_store_seconds",
-            "Time from C-STORE request to answer (decode header, write, fsync, journal commit).",
+            "Time to answer a received C-STORE data set (decode header, write, fsync, journal commit; "
+            "a data set streamed to the spool was written as it arrived, before this starts).",
             buckets=_LATENCY, registry=r)
         # -- pipeline
         self.jobs = Counter("edged_jobs_total", "Jobs finished, by model and result (done, failed, dead).",

@@ -16,7 +16,19 @@ overrides ``receive_pdu`` so that an acceptor waiting for its A-ASSOCIATE-RQ sto
 connection is gone, which frees its slot of ``max_associations`` at once instead of after ``acse_timeout``.
 
 :meth:`Guard.install` swaps the class of the DUL pynetdicom has just built for an association (before its
-thread starts), so every queue, timer and the state machine stay as pynetdicom made them.
+thread starts), so every queue, timer and the state machine stay as pynetdicom made them. With a stream
+sink (the listener's store handler) it installs :class:`edged.dicom.stream.StreamingDUL` instead, which
+also writes plain C-STORE data sets to the spool as they arrive.
+
+Reactors. pynetdicom's two per-association threads poll: the DUL loops on ``select(..., 0)`` and sleeps
+1 ms whenever nothing happened, and the association's reactor sleeps 1 ms between looks at its queues.
+Each idle association costs ~5% of a core here, and every PDU and every DIMSE message waits for the
+next poll. The guarded DUL's :meth:`GuardedDUL.run_reactor` does the same turn of the loop but sleeps in
+``select`` on the socket and an eventfd that its queues (``event_queue``, ``to_provider_queue``) signal
+on ``put``; the association's ``_reactor_checkpoint`` is replaced by a :class:`_ReactorGate` that, in the
+association's own thread, waits until ``dimse.msg_queue`` or ``to_user_queue`` gets something (or the
+DUL stops, or the association is killed). Both still wake every :data:`_IDLE_WAIT` seconds for their
+timers (ARTIM, the network idle timeout).
 
 Limits:
 
@@ -34,23 +46,33 @@ Limits:
 Written against pynetdicom 3.0 (``TESTED`` below, checked at import like :mod:`edged.dicom.contexts`):
 on an upgrade check that ``_read_pdu_data`` still reads one PDU per call, decodes it with ``_decode_pdu``
 and hands it on through ``event_queue`` and ``_recv_pdu``, and that ``RequestHandler._create_association``
-still builds the association's DUL; then run tests/unit/test_guard.py and
+still builds the association's DUL; that ``DULServiceProvider.run_reactor`` is still the loop
+:meth:`GuardedDUL._reactor` mirrors (and the thread's ``_target``), that ``Association._run_reactor``
+still passes through ``_reactor_checkpoint.wait()`` on each turn and that the queues named above are
+still the only ways work reaches either thread; then run tests/unit/test_guard.py and
 tests/integration/test_protocol_abuse.py and widen ``TESTED``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import select
 import socket
+import ssl
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pynetdicom
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.transport import RequestHandler
+from pynetdicom.utils import make_target
 
 from edged import logs
 
@@ -77,6 +99,8 @@ _ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA_TF = 1, 2, 3, 4
 _KNOWN_TYPES = frozenset(range(1, 8))
 _READ_CHUNK = 1 << 20
 _POLL_SECONDS = 0.25  # while a PDU is incomplete, how often to check for a local abort
+#: The longest the reactor sleeps with nothing to do: its timers (ARTIM) are checked at least this often.
+_IDLE_WAIT = 0.05
 
 #: Fixed label values of ``edged_protocol_violations_total``.
 VIOLATIONS = ("pdu_too_long", "message_too_long", "unknown_pdu", "unexpected_pdu", "invalid_pdu", "slow_pdu")
@@ -111,14 +135,23 @@ class Limits:
 class Guard:
     """The limits and where violations are reported; one per listener, shared by its associations."""
 
-    def __init__(self, limits: Limits, metrics: "Metrics | None" = None) -> None:
+    def __init__(self, limits: Limits, metrics: "Metrics | None" = None, stream: Any = None) -> None:
         self.limits = limits
         self.metrics = metrics
+        #: Where C-STORE data sets are streamed (:class:`edged.dicom.stream.StreamSink`); None: pynetdicom
+        #: assembles every message as before.
+        self.stream = stream
 
     def install(self, assoc: "Association") -> None:
-        """Make ``assoc``'s (not yet started) DUL a :class:`GuardedDUL`, keeping its queues and timers."""
+        """Make ``assoc``'s (not yet started) DUL a :class:`GuardedDUL` (a streaming one when ``stream``
+        is set), keeping its queues and timers."""
         dul = assoc.dul
-        dul.__class__ = GuardedDUL
+        if self.stream is not None:
+            from edged.dicom.stream import StreamingDUL  # stream imports this module
+
+            dul.__class__ = StreamingDUL
+        else:
+            dul.__class__ = GuardedDUL
         assert isinstance(dul, GuardedDUL)
         dul.guard_setup(self)
 
@@ -134,8 +167,91 @@ class _Closed(Exception):
     pass
 
 
+class _Wakeup:
+    """An eventfd that wakes the reactor's ``select``; safe to set after it is closed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fd: int = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def set(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                try:
+                    os.eventfd_write(self.fd, 1)
+                except OSError:
+                    pass
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except OSError:  # BlockingIOError: not set
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def __del__(self) -> None:  # a DUL whose thread never ran
+        self.close()
+
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A ``queue.Queue`` whose ``put`` wakes a reactor (set as the class of pynetdicom's own queues)."""
+
+    _wakeup: "_Wakeup | threading.Event"
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wakeup.set()
+
+
 class _TooSlow(Exception):
     pass
+
+
+class _ReactorGate:
+    """Stands in for ``Association._reactor_checkpoint`` (a ``threading.Event``) so that the association's
+    reactor sleeps while it has nothing to do.
+
+    pynetdicom's acceptor reactor (``Association._run_reactor``) sleeps 1 ms and then looks at its queues,
+    a thousand times a second for as long as the association lasts; each turn passes through
+    ``_reactor_checkpoint.wait()``. Here that wait, in the association's own thread, also waits (at most
+    :data:`_IDLE_WAIT`, so its timers are still checked) until something is queued for it: a DIMSE
+    message (``dimse.msg_queue``), an A-RELEASE or A-ABORT from the DUL (``dul.to_user_queue``), the DUL
+    stopping, or a kill. ``set``/``clear``/``is_set`` keep the pause semantics pynetdicom uses.
+    """
+
+    def __init__(self, assoc: "Association") -> None:
+        self._assoc = assoc
+        self._pause: threading.Event = assoc._reactor_checkpoint
+        self.work = threading.Event()
+
+    def set(self) -> None:
+        self._pause.set()
+        self.work.set()
+
+    def clear(self) -> None:
+        self._pause.clear()
+
+    def is_set(self) -> bool:
+        return self._pause.is_set()
+
+    def _pending(self) -> bool:
+        assoc = self._assoc
+        dul = assoc.dul
+        return bool(assoc._kill or assoc.dimse.msg_queue.qsize() or dul.to_user_queue.qsize()
+                    or not dul.is_alive() or dul.idle_timer_expired())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ok = self._pause.wait(timeout)
+        if ok and threading.current_thread() is self._assoc:
+            self.work.clear()
+            if not self._pending():
+                self.work.wait(_IDLE_WAIT)
+        return ok
 
 
 class GuardedDUL(DULServiceProvider):
@@ -151,6 +267,119 @@ class GuardedDUL(DULServiceProvider):
         self._tripped = False
         self._command_bytes = 0
         self._dataset_bytes = 0
+        # pynetdicom bound its own run_reactor as the thread's target when it built the DUL.
+        self._target = make_target(self.run_reactor)
+        self._wakeup = _Wakeup()
+        for q in (self.event_queue, self.to_provider_queue):
+            q.__class__ = _WakingQueue
+            q._wakeup = self._wakeup  # type: ignore[attr-defined]
+        assoc = self.assoc
+        gate = _ReactorGate(assoc)
+        self._gate = gate
+        assoc._reactor_checkpoint = gate  # type: ignore[assignment]
+        for q in (self.to_user_queue, assoc.dimse.msg_queue):
+            q.__class__ = _WakingQueue
+            q._wakeup = gate.work  # type: ignore[attr-defined]
+
+    # -- the reactor -------------------------------------------------------------------------------
+
+    def run_reactor(self) -> None:
+        """pynetdicom's DUL loop, waiting in ``select`` instead of polling.
+
+        Stock pynetdicom polls the socket (``select`` with no timeout) and its queues every millisecond,
+        sleeping in between: an idle association costs CPU, and every PDU that arrives waits for the
+        next poll. Here the thread sleeps until the socket is readable, something is queued for it
+        (``event_queue``, ``to_provider_queue``: :class:`_WakingQueue`), it is told to stop
+        (:meth:`kill_dul`, :meth:`stop_dul`) or :data:`_IDLE_WAIT` has passed (the ARTIM timer).
+        Each turn of the loop does what pynetdicom's does, in the same order.
+        """
+        try:
+            self._reactor()
+        finally:
+            self._reactor_done()
+
+    def _reactor(self) -> None:
+        self._idle_timer.start()
+        assert self.socket is not None
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # as pynetdicom: bypass the state machine, send an A-ABORT, stop
+                log.error("exception in the DUL reactor, aborting the association: %s", type(exc).__name__)
+                log.debug("DUL reactor exception", exc_info=True)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                try:
+                    self.socket.send(abort_pdu.encode())
+                except Exception:  # noqa: BLE001 - the connection may be gone already
+                    pass
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                self._wait()
+                continue
+            self.state_machine.do_action(event)
+
+    def _wait(self) -> None:
+        """Sleep until the socket is readable, the reactor is woken, or :data:`_IDLE_WAIT` has passed."""
+        wakeup = self._wakeup
+        wakeup.clear()
+        if self._kill_thread or self.event_queue.qsize() or self.to_provider_queue.qsize():
+            return
+        timeout = _IDLE_WAIT
+        if self.artim_timer._start_time is not None and self.artim_timer._end_time is None:
+            timeout = max(0.0, min(timeout, self.artim_timer.remaining))
+        fds = [wakeup.fd]
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is not None and self.socket._is_connected:  # type: ignore[union-attr]
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return
+            try:
+                fileno = sock.fileno()
+            except (OSError, ValueError):
+                fileno = -1
+            if fileno >= 0:
+                fds.append(fileno)
+        try:
+            select.select(fds, [], [], timeout)
+        except (OSError, ValueError):  # the socket closed under us: pynetdicom's checks notice it next turn
+            time.sleep(self._run_loop_delay)
+
+    def _reactor_done(self) -> None:
+        """Called once when the reactor stops (in its thread): release what it holds."""
+        self._interrupt()
+        self._wakeup.close()
+        self._gate.work.set()  # the association's reactor notices at once that the DUL has stopped
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wakeup.set()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wakeup.set()
+            while self.is_alive():
+                time.sleep(self._run_loop_delay)
+            return True
+        return False
+
+    # -- the reader --------------------------------------------------------------------------------
 
     def _read_pdu_data(self) -> None:
         assert self.socket is not None
@@ -165,18 +394,24 @@ class GuardedDUL(DULServiceProvider):
             head = bytearray(6)
             self._recv_into(memoryview(head), deadline)
             pdu_type, _, length = struct.unpack(">BBL", head)
-            problem = limits.pdu_problem(self.state_machine.current_state, pdu_type, length)
+            state = self.state_machine.current_state
+            problem = limits.pdu_problem(state, pdu_type, length)
             if problem is not None:
                 self._trip(problem, pdu_type=f"0x{pdu_type:02X}", length=length)
                 return
+            if pdu_type == _P_DATA_TF and state == "Sta6" and self._stream_p_data(length, deadline):
+                return
+            self._interrupt()  # a message being streamed (if any) ends unfinished
             data = bytearray(6 + length)  # the whole PDU: its body is read in place after the header
             data[:6] = head
             with memoryview(data) as view:
                 self._recv_into(view[6:], deadline)
         except _Closed:
+            self._interrupt()
             self.event_queue.put("Evt17")  # transport connection closed
             return
         except _TooSlow:
+            self._interrupt()
             self._guard.violation(self.assoc, "slow_pdu", seconds=limits.pdu_seconds)
             self.event_queue.put("Evt17")
             return
@@ -193,6 +428,14 @@ class GuardedDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _stream_p_data(self, length: int, deadline: float) -> bool:
+        """Read a P-DATA-TF body (``length`` bytes) another way; False: pynetdicom's way (the default)."""
+        return False
+
+    def _interrupt(self) -> None:
+        """The message being streamed, if any, will not be finished (another PDU, a violation, the
+        connection gone): subclasses drop what they hold for it."""
 
     def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
         """pynetdicom's, except that a wait ends as soon as the connection is gone.
@@ -217,6 +460,7 @@ class GuardedDUL(DULServiceProvider):
         return sock is None or sock.socket is None or not sock._is_connected
 
     def _trip(self, reason: str, **fields: Any) -> None:
+        self._interrupt()
         self._guard.violation(self.assoc, reason, state=self.state_machine.current_state, **fields)
         self._tripped = True
         self.event_queue.put("Evt19")  # unrecognised or invalid PDU: the state machine sends A-ABORT
@@ -263,26 +507,30 @@ class GuardedDUL(DULServiceProvider):
     def _count_fragments(self, body: bytearray, pos: int = 0) -> str | None:
         """Add the fragments of the P-DATA-TF items in ``body[pos:]`` to the command and data set being
         assembled."""
-        limit = self._guard.limits.max_message_bytes
         while pos + 6 <= len(body):
             (item_length,) = struct.unpack_from(">L", body, pos)
             if item_length < 2 or pos + 4 + item_length > len(body):
                 return None  # malformed: pynetdicom's decoder rejects it
-            control = body[pos + 5]
-            size = item_length - 2
-            if control & 0x01:
-                self._command_bytes += size
-                if self._command_bytes > MAX_COMMAND_BYTES:
-                    return "message_too_long"
-                if control & 0x02:
-                    self._command_bytes = 0
-            else:
-                self._dataset_bytes += size
-                if self._dataset_bytes > limit:
-                    return "message_too_long"
-                if control & 0x02:
-                    self._dataset_bytes = 0
+            problem = self._count_fragment(body[pos + 5], item_length - 2)
+            if problem is not None:
+                return problem
             pos += 4 + item_length
+        return None
+
+    def _count_fragment(self, control: int, size: int) -> str | None:
+        """Add one fragment (its message control header and value size) to the message being assembled."""
+        if control & 0x01:
+            self._command_bytes += size
+            if self._command_bytes > MAX_COMMAND_BYTES:
+                return "message_too_long"
+            if control & 0x02:
+                self._command_bytes = 0
+        else:
+            self._dataset_bytes += size
+            if self._dataset_bytes > self._guard.limits.max_message_bytes:
+                return "message_too_long"
+            if control & 0x02:
+                self._dataset_bytes = 0
         return None
 
 

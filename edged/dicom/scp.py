@@ -5,6 +5,18 @@ meta) go to a temp file in the spool, renamed to their final name and fsynced; t
 fsynced and the instance committed to the journal (both shared by every association committing at that
 moment: :mod:`edged.spool.commit`), and only then is Success (0x0000) returned. It never
 decodes pixel data, never runs a model and never talks to the PACS.
+
+Two ways in, one set of checks (:meth:`StoreHandler._checked`: header, UIDs, duplicate, resources, in
+that order, with the same statuses, logs, metrics and audit records):
+
+* **Streamed** (the usual way, :mod:`edged.dicom.stream`): the association's DUL thread writes a plain
+  C-STORE's data set to a spool temp file as its fragments arrive and calls
+  :meth:`StoreHandler.store_streamed` after the last one; the header is read from the head of that file.
+  ``edged_store_seconds`` then times the work after the last fragment (header, checks, rename, fsync,
+  commit); the ``receive`` CPU counter includes the writes done while the data set arrived.
+* **In memory** (:meth:`StoreHandler.on_store`, bound to ``EVT_C_STORE``): whatever pynetdicom assembles
+  itself (a peer whose maximum PDU cannot hold a one-PDV response, odd command sets, an association
+  with PDU/DIMSE event handlers bound).
 """
 
 from __future__ import annotations
@@ -47,7 +59,8 @@ from edged.dicom.contexts import SharedContexts
 from edged.dicom.filemeta import encode_file_meta
 from edged.dicom.guard import Guard, Limits
 from edged.dicom.server import ListeningServer, start_server
-from edged.dicom.header import HeaderError, read_header
+from edged.dicom.stream import Incoming
+from edged.dicom.header import Header, HeaderError, read_header, read_header_at, read_header_head
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
 from edged.metrics import Metrics
 from edged.pipeline.router import Router
@@ -213,19 +226,33 @@ class StoreHandler:
 
     def _store_stream(self, event: evt.Event, stats: _AssocStats, stream: memoryview, sop_class: str) -> int | Dataset:
         ts = str(event.context.transfer_syntax)
+        request_instance = str(event.request.AffectedSOPInstanceUID or "").strip("\x00 ")
+        return self._checked(stats, sop_class, request_instance, lambda: read_header(stream, ts), len(stream),
+                             lambda header: self._persist(event, stats, stream, header, ts))
+
+    def _checked(self, stats: _AssocStats, sop_class: str, request_instance: str, read: Callable[[], Header],
+                 size: int, persist: Callable[[Header], int | Dataset], *, on_disk: int = 0,
+                 write_failure: Callable[[], Dataset | None] | None = None) -> int | Dataset:
+        """The checks every received dataset goes through, in order, then ``persist``.
+
+        ``size``: the dataset's bytes; ``on_disk``: how many of them are already written to the spool (a
+        streamed dataset), so that the free-space check sees the disk as it was before they were.
+        ``write_failure``: for a streamed dataset whose writing failed, its refusal when the header cannot
+        be read (the failed write is what went wrong).
+        """
         try:
-            header = read_header(stream, ts)
+            header = read()
         except HeaderError as exc:
-            return self._fail(stats, status.CANNOT_DECODE, exc.reason, sop_class=sop_class)
-        if not header.sop_instance_uid:
-            return self._fail(stats, status.NO_SOP_INSTANCE_UID, "dataset has no SOP Instance UID",
-                              sop_class=sop_class)
-        if header.sop_class_uid != sop_class:
-            return self._fail(stats, status.DATASET_MISMATCH,
-                              "SOP Class UID differs from the presentation context", sop_class=sop_class)
-        if header.sop_instance_uid != str(event.request.AffectedSOPInstanceUID or "").strip("\x00 "):
-            return self._fail(stats, status.DATASET_MISMATCH,
-                              "SOP Instance UID differs from the C-STORE request", sop_class=sop_class)
+            header, refusal = None, (status.CANNOT_DECODE, exc.reason)
+        else:
+            refusal = self._header_refusal(header, sop_class, request_instance)
+        if refusal is not None:
+            # A streamed data set whose writing failed has only its head on disk: what went wrong is the write.
+            failed = write_failure() if write_failure is not None else None
+            if failed is not None:
+                return failed
+            return self._fail(stats, *refusal, sop_class=sop_class)
+        assert header is not None
 
         uid = header.sop_instance_uid
         with self._uid_locks[hash(uid) % _UID_LOCK_STRIPES]:
@@ -236,12 +263,22 @@ class StoreHandler:
                     if self.audit is not None:
                         self.audit.write("instance.duplicate", ref=self.audit.ref(uid), assoc=stats.number)
                     return status.SUCCESS
-                self._check_resources(len(stream))
+                self._check_resources(size - on_disk)
             except OutOfResourcesError as exc:
                 return self._fail(stats, status.OUT_OF_RESOURCES, exc.reason, resource=exc.resource)
             except JournalError:
                 return self._fail(stats, status.OUT_OF_RESOURCES, "journal unavailable", resource="journal")
-            return self._persist(event, stats, stream, header, ts)
+            return persist(header)
+
+    @staticmethod
+    def _header_refusal(header: Header, sop_class: str, request_instance: str) -> tuple[int, str] | None:
+        if not header.sop_instance_uid:
+            return status.NO_SOP_INSTANCE_UID, "dataset has no SOP Instance UID"
+        if header.sop_class_uid != sop_class:
+            return status.DATASET_MISMATCH, "SOP Class UID differs from the presentation context"
+        if header.sop_instance_uid != request_instance:
+            return status.DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request"
+        return None
 
     def _check_resources(self, size: int) -> None:
         if self.journal.pending >= self.max_pending:
@@ -261,6 +298,10 @@ class StoreHandler:
         except OSError as exc:
             return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
                               resource="disk", errno=exc.errno)
+        return self._record(event.assoc, stats, header, ts, relpath, size)
+
+    def _record(self, assoc: Any, stats: _AssocStats, header: Header, ts: str, relpath: str, size: int) -> int | Dataset:
+        """Commit a placed (fsynced) file's journal row with its directory; Success, or the file goes."""
         record = InstanceRecord(
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=header.sop_class_uid,
@@ -269,7 +310,7 @@ class StoreHandler:
             modality=header.modality,
             transfer_syntax_uid=ts,
             size_bytes=size,
-            calling_ae=event.assoc.requestor.ae_title,
+            calling_ae=assoc.requestor.ae_title,
             path=relpath,
             expected_count=header.images_in_acquisition,
         )
@@ -296,6 +337,58 @@ class StoreHandler:
         if self.on_stored is not None and routes:
             self.on_stored()
         return status.SUCCESS
+
+    # -- C-STORE, streamed (edged.dicom.stream) -----------------------------------------------------
+
+    def store_streamed(self, assoc: Any, incoming: Incoming) -> int | Dataset:
+        """What :meth:`on_store` does, for a data set the DUL has written to a temp file as it arrived
+        (:mod:`edged.dicom.stream`): the same checks in the same order, then the file is renamed into
+        place and fsynced, and committed. The temp file is always consumed (placed or removed)."""
+        t0 = time.perf_counter()
+        try:
+            return self._store_streamed(assoc, incoming)
+        finally:
+            incoming.abandon()
+            self.metrics.store_seconds.observe(time.perf_counter() - t0)
+            self.metrics.add_cpu("-", "receive", incoming.cpu0)
+
+    def _store_streamed(self, assoc: Any, inc: Incoming) -> int | Dataset:
+        stats = self._stats_for(assoc)
+
+        def read() -> Header:
+            if inc.failed:  # only the head is known for sure
+                return read_header_head(bytes(inc.head), inc.size - inc.meta_len, inc.transfer_syntax)
+            try:
+                return read_header_at(inc.fd, inc.meta_len, inc.written, inc.transfer_syntax)
+            except (OSError, ValueError):
+                raise HeaderError("spooled dataset could not be read") from None
+
+        def write_failure() -> Dataset | None:
+            if inc.error is not None or inc.fd < 0:
+                return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed", resource="disk",
+                                  errno=inc.error.errno if inc.error is not None else None)
+            if inc.over_budget:
+                return self._fail(stats, status.OUT_OF_RESOURCES, "free disk space below the configured minimum",
+                                  resource="disk")
+            return None
+
+        def persist(header: Header) -> int | Dataset:
+            failed = write_failure()
+            if failed is not None:
+                return failed
+            relpath = self.spool.relpath_for(header.sop_instance_uid)
+            fd, tmp = inc.take()
+            try:
+                self.spool.place(fd, tmp, relpath)
+            except OSError as exc:
+                return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
+                                  resource="disk", errno=exc.errno)
+            return self._record(assoc, stats, header, inc.transfer_syntax, relpath, inc.size)
+
+        failed = inc.failed
+        return self._checked(stats, inc.abstract_syntax, inc.command.sop_instance_uid, read, inc.size - inc.meta_len,
+                             persist, on_disk=inc.written,
+                             write_failure=write_failure if failed else None)
 
 
 def _tls_context(cfg: DicomConfig) -> ssl.SSLContext | None:
@@ -376,7 +469,7 @@ class Listener:
                 self.ae, (self.cfg.host, self.cfg.port), evt_handlers=handlers, ssl_context=_tls_context(self.cfg),
                 contexts=SharedContexts(self.ae.supported_contexts), handshake_timeout=self.cfg.acse_timeout,
                 guard=Guard(Limits(self.cfg.max_pdu, self.cfg.max_message_bytes, self.cfg.network_timeout),
-                            self.handler.metrics),
+                            self.handler.metrics, stream=self.handler),
             )
         except OSError as exc:
             raise EdgedError(

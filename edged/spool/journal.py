@@ -267,6 +267,9 @@ class Journal:
         self.path = path
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
+        #: A second connection for :meth:`has_instance` only (opened on first use).
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
         self._pending = self._count_pending()
 
     @classmethod
@@ -309,10 +312,22 @@ class Journal:
         return self._pending
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self._lock:
-            row = self._c().execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
+        """Whether the instance is recorded (committed).
+
+        Read on a connection of its own: in WAL mode a reader never waits for the writer, so the listener's
+        duplicate check does not queue behind another association's commit and its fsync. A row committed
+        before this call is seen (each query is a new read transaction)."""
+        with self._read_lock:
+            if self._conn is None:
+                raise JournalClosedError(self.path)
+            try:
+                if self._reader is None:
+                    self._reader = _connect(self.path)
+                row = self._reader.execute(
+                    "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise JournalError(self.path, str(exc)) from None
         return row is not None
 
     @contextlib.contextmanager
@@ -775,7 +790,10 @@ class Journal:
 
     def close(self) -> None:
         """Close the journal; later writes raise :class:`JournalClosedError`. Idempotent."""
-        with self._lock:
+        with self._lock, self._read_lock:  # (has_instance takes only the second)
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
             if self._conn is not None:
                 try:
                     self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -157,6 +157,42 @@ class Spool:
         os.close(fd)
         return final
 
+    def open_temp(self) -> tuple[int, Path]:
+        """A new, empty temp file opened for reading and writing (for a dataset written as it arrives):
+        the caller writes to the descriptor, then places (:meth:`place`) or abandons (:meth:`abandon`) it."""
+        with self._counter_lock:
+            self._counter += 1
+            n = self._counter
+        tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}{TMP_SUFFIX}"
+        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640), tmp
+
+    def place(self, fd: int, tmp: Path, relpath: str) -> Path:
+        """Rename a temp file from :meth:`open_temp` to ``relpath``, fsync it and close it: what
+        :meth:`write_placed` does after writing (the directory is *not* fsynced). On error nothing is
+        left behind, ``fd`` is closed and :class:`OSError` is raised."""
+        final = self.storage_dir / relpath
+        placed = False
+        try:
+            os.replace(tmp, final)
+            placed = True
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            if placed:
+                self.remove(relpath)
+            else:
+                self.discard(tmp)
+            raise
+        os.close(fd)
+        return final
+
+    def abandon(self, fd: int, tmp: Path) -> None:
+        """Close and remove a temp file from :meth:`open_temp`."""
+        try:
+            os.close(fd)
+        finally:
+            self.discard(tmp)
+
     def commit(self, tmp: Path, relpath: str) -> Path:
         """Rename a written temp file to its final name and fsync the directory."""
         final = self.storage_dir / relpath

@@ -298,8 +298,8 @@ def _exchange(port: int, stream: bytes, timeout: float) -> tuple[bytes, bool]:
         try:
             s.sendall(stream)
             s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the daemon already closed: fine
+        except OSError:  # EPIPE, ECONNRESET, or ENOTCONN at the shutdown: the daemon already closed: fine
+            pass
         got = bytearray()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

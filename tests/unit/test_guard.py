@@ -136,3 +136,41 @@ def test_an_undecodable_pdu_is_aborted_and_counted(wired) -> None:
     dul._read_pdu_data()
     assert _events(dul) == ["Evt19"]
     assert _count(metrics, "invalid_pdu") == 1
+
+
+def test_the_reactor_is_woken_by_its_queues_and_by_kill(wired) -> None:
+    """The DUL sleeps in select on the socket and an eventfd; whatever is queued for it sets the eventfd."""
+    import select
+
+    dul, _, _ = wired
+    fd = dul._wakeup.fd
+    dul._wakeup.clear()
+    assert select.select([fd], [], [], 0)[0] == []
+    dul.to_provider_queue.put("primitive")
+    assert select.select([fd], [], [], 0)[0] == [fd]
+    dul._wakeup.clear()
+    dul.event_queue.put("Evt17")
+    assert select.select([fd], [], [], 0)[0] == [fd]
+    dul._wakeup.clear()
+    dul.kill_dul()
+    assert select.select([fd], [], [], 0)[0] == [fd]
+    dul._wakeup.close()
+    dul._wakeup.set()  # after close: harmless
+
+
+def test_the_association_gate_keeps_the_checkpoint_semantics(wired) -> None:
+    """pynetdicom pauses its reactor with _reactor_checkpoint.clear()/set(); the gate passes those through,
+    and its queues wake the association's thread."""
+    dul, _, _ = wired
+    gate = dul.assoc._reactor_checkpoint
+    assert gate.is_set()
+    gate.clear()
+    assert not gate.is_set() and not gate.wait(0.01)
+    gate.set()
+    assert gate.is_set() and gate.wait(0.01)  # not the association's thread: never waits for work
+    gate.work.clear()
+    dul.assoc.dimse.msg_queue.put((1, None))
+    assert gate.work.is_set()
+    gate.work.clear()
+    dul.to_user_queue.put("A-RELEASE")
+    assert gate.work.is_set()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import zlib
 
 import pytest
@@ -76,3 +78,93 @@ def test_compressed_deflate_roundtrip() -> None:
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     deflated = c.compress(body) + c.flush()
     assert read_header(deflated, "1.2.840.10008.1.2.1.99").sop_instance_uid == "1.2.3.4"
+
+
+def test_a_spooled_data_set_reads_as_the_same_bytes_in_memory(tmp_path) -> None:
+    """read_header_at (the streamed path: from the spool file) gives what read_header (in memory) gives,
+    Header or refusal, for the pydicom corpus whole, cut short and with a few bytes changed."""
+    import random
+    from io import BytesIO
+    from pathlib import Path
+
+    import pydicom
+    from pydicom.data import get_testdata_files
+
+    from edged.dicom.header import HeaderError, read_header, read_header_at
+
+    def outcome(read, *args):
+        try:
+            return read(*args)
+        except HeaderError as exc:
+            return exc.reason
+
+    rng = random.Random(7)
+    compared = 0
+    spool = tmp_path / "spooled"
+    for f in get_testdata_files():
+        raw = Path(f).read_bytes() if Path(f).is_file() else b""
+        if len(raw) < 144 or raw[128:132] != b"DICM":
+            continue
+        end = 144 + int.from_bytes(raw[140:144], "little")
+        try:
+            ts = str(pydicom.dcmread(BytesIO(raw[:end])).file_meta.TransferSyntaxUID)
+        except Exception:  # noqa: BLE001 - no usable file meta
+            continue
+        data = raw[end:]
+        for cut in (len(data), rng.randrange(max(1, min(len(data), 3000)))):
+            sample = bytearray(data[:cut])
+            if sample and cut != len(data):
+                sample[rng.randrange(len(sample))] = rng.randrange(256)
+            spool.write_bytes(b"M" * 200 + sample)
+            fd = os.open(spool, os.O_RDONLY)
+            try:
+                streamed = outcome(read_header_at, fd, 200, 200 + len(sample), ts)
+            finally:
+                os.close(fd)
+            assert streamed == outcome(read_header, bytes(sample), ts), (Path(f).name, cut)
+            compared += 1
+    assert compared > 200
+
+
+def test_values_decoded_from_raw_bytes_are_what_pydicom_decodes() -> None:
+    """_raw_text/_raw_us (UIDs, CS, US decoded directly) against pydicom's own conversion (_text/_int),
+    for padding, several values, empty values, other VRs, odd lengths, all three uncompressed syntaxes."""
+    import struct
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    from edged.dicom import header as H
+
+    def el(tag: int, vr: str, value: bytes, explicit: bool, little: bool) -> bytes:
+        g, e, en = tag >> 16, tag & 0xFFFF, "<" if little else ">"
+        if len(value) % 2:
+            value += b" " if vr != "UI" else b"\x00"
+        if not explicit:
+            return struct.pack(en + "HHI", g, e, len(value)) + value
+        if vr == "UN":
+            return struct.pack(en + "HH2sHI", g, e, vr.encode(), 0, len(value)) + value
+        return struct.pack(en + "HH2sH", g, e, vr.encode(), len(value)) + value
+
+    def outcome(fn, *args):
+        try:
+            return fn(*args)
+        except H.HeaderError as exc:
+            return exc.reason
+
+    checked = 0
+    for explicit, little in ((True, True), (False, True), (True, False)):
+        for text in (b"CT", b"CT\\MR", b"", b" CT ", b"CT\x00", b"\xe9T", b"CT\\", b"1.2.3\x00", b"1.2.3 \x00 \x00",
+                     b" 1.2 ", b"\x001.2"):
+            for vr in ("CS", "LO", "UN", "UI"):
+                for rows in (struct.pack("<H" if little else ">H", 512), b"\x00\x02\x00\x02", b"", b"\x05\x00\x00"):
+                    data = (el(0x00080018, vr if vr == "UI" else "UI", text, explicit, little)
+                            + el(0x00080060, "CS" if vr == "UI" else vr, text, explicit, little)
+                            + el(0x00280010, "US" if vr != "UN" else "UN", rows, explicit, little))
+                    ds = read_dataset(BytesIO(data), not explicit, little)
+                    for tag in (0x00080018, 0x00080060):
+                        keyword = H._RAW_TEXT[tag][0]
+                        assert outcome(H._raw_text, ds, tag) == outcome(H._text, ds, keyword), (data, keyword)
+                    assert outcome(H._raw_us, ds, 0x00280010) == outcome(H._int, ds, "Rows"), data
+                    checked += 1
+    assert checked > 300
