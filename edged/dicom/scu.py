@@ -19,6 +19,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from edged.dicom import requestor
 from edged.errors import DicomNetworkError
 
 #: Send files from disk as they are (no decode/re-encode) when they have file meta.
@@ -43,7 +44,7 @@ def _associate(ae: AE, host: str, port: int, aec: str, tls: object | None = None
     except OSError as exc:
         raise DicomNetworkError(peer, f"cannot connect: {exc}") from None
     if assoc.is_established:
-        return assoc
+        return requestor.install(assoc)  # responses stay for the call that waits for them
     if assoc.is_rejected:
         raise DicomNetworkError(peer, "association rejected (check the called and calling AE titles)")
     raise DicomNetworkError(peer, "association aborted or connection failed")

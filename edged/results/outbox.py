@@ -30,6 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from edged import logs
 from edged.audit import AuditLog
 from edged.config import Destination, OutboxConfig
+from edged.dicom import requestor
 from edged.metrics import Metrics
 from edged.spool.journal import Delivery, Journal
 from edged.spool.store import Spool
@@ -142,7 +143,7 @@ class Sender:
                 raise AssociationFailed(f"association rejected ({'transient' if transient else 'permanent'})",
                                         transient)
             raise AssociationFailed("association failed", True)
-        self._assoc = assoc
+        self._assoc = requestor.install(assoc)  # responses stay for the call that waits for them
         return assoc
 
     def _release(self) -> None:
