@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydicom.uid import generate_uid
 
+from edged.dicom import requestor
 from edged.synthetic import chest_phantom, ct_slice
 
 HERE = Path(__file__).resolve().parent
@@ -129,6 +130,7 @@ class PacedSender:
         assoc = self.ae.associate(HOST, self.port, ae_title=EDGED_AET, max_pdu=MAX_PDU)
         if not assoc.is_established:
             raise BenchError("edged did not accept the association")
+        requestor.install(assoc)  # pynetdicom's reactor would sometimes take a response (edged.dicom.requestor)
         try:
             for k in range(n):
                 if self._stop.is_set():
