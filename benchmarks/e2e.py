@@ -26,12 +26,10 @@ import os
 import platform
 import re
 import resource
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -47,7 +45,8 @@ from edged.synthetic import chest_phantom, ct_slice
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from ingest import BenchError, Tools, _positive, dcmtk_env, find_tools, reap_all, spawn, stop_proc  # noqa: E402
+from harness import BenchError, run_in_workdir, spawn, stop_on_sigterm, stop_proc  # noqa: E402
+from ingest import Tools, _positive, dcmtk_env, find_tools  # noqa: E402
 
 HOST = "127.0.0.1"
 MAX_PDU = 131072
@@ -67,11 +66,6 @@ STAGES = ("receive", "preprocess", "queue_wait", "inference", "postprocess", "co
 WAIT_STAGES = ("queue_wait",)  # time spent waiting, not working: left out of the shares
 #: Cores other processes may keep busy (on average) before the report warns that they skewed the figures.
 OTHERS_LIMIT = 0.2
-
-
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    print("\ne2e.py: terminated; stopping the processes it started", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -1111,7 +1105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_quick(args, parser)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so that the finally blocks still run
+    stop_on_sigterm("e2e.py")
     if args.backend == "tensorrt":
         why = tensorrt_unavailable()
         if why is not None:
@@ -1125,43 +1119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"e2e.py: {exc}", file=sys.stderr)
         return 2
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="edged-e2e-", dir=args.workdir))
-    try:
-        results = run_benchmark(args, root, tools)
-        print(report(results))
-        if args.json is not None:
-            args.json.write_text(json.dumps(_no_nan(to_json(results)), indent=2) + "\n")
-            print(f"\nfigures written to {args.json}")
-        return 0
-    except BenchError as exc:
-        print(f"\ne2e.py: {exc}", file=sys.stderr)
-        args.keep = True  # for inspection: logs, configs, journal
-        return 1
-    except KeyboardInterrupt:
-        print("\ne2e.py: interrupted; stopping the processes it started", file=sys.stderr)
-        return 130
-    except BaseException:
-        args.keep = True
-        raise
-    finally:
-        reap_all()
-        if args.keep:
-            print(f"work dir kept: {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def _no_nan(o: Any) -> Any:
-    """NaN (a figure that could not be computed) as null: JSON has no NaN."""
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _no_nan(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_no_nan(v) for v in o]
-    return o
+    return run_in_workdir("e2e.py", args, "edged-e2e-", lambda root: run_benchmark(args, root, tools), report,
+                          to_json)
 
 
 if __name__ == "__main__":

@@ -31,16 +31,17 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Iterator, Sequence
 
 from edged.synthetic import write_ct_series
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402  (re-exported for e2e.py and soak.py)
+    BenchError, adopt, kill_group_leftovers, run_in_workdir, spawn, stop_on_sigterm, stop_proc)
 
 HOST = "127.0.0.1"
 MAX_PDU = 131072
@@ -56,75 +57,6 @@ ORTHANC_AET = "ORTHANC"
 RECEIVERS = ("edged", "orthanc", "storescp", "disk")
 
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
-
-
-class BenchError(RuntimeError):
-    """A measurement could not be made (a peer failed, images went missing, a tool is absent)."""
-
-
-# -- processes ---------------------------------------------------------------------------------------
-
-_started: list[subprocess.Popen[bytes]] = []
-_started_lock = threading.Lock()
-
-
-def spawn(cmd: Sequence[str], *, group: bool = False, **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Start a process and remember it, so that :func:`reap_all` can end it whatever happens.
-
-    ``group=True`` puts it in a new session (its own process group), so that the children it forks
-    (``storescp --fork``) are ended together with it.
-    """
-    proc = subprocess.Popen(list(cmd), start_new_session=group, **kwargs)
-    with _started_lock:
-        _started.append(proc)
-    return proc
-
-
-def _signal_proc(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Send ``sig`` to ``proc``, and to its process group if it leads one."""
-    try:
-        if os.getpgid(proc.pid) == proc.pid:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-    except ProcessLookupError:
-        pass
-
-
-def stop_proc(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
-    """Ask ``proc`` (and its group) to stop with ``sig``; SIGKILL it if it has not exited in ``timeout``."""
-    if proc.poll() is None:
-        _signal_proc(proc, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _signal_proc(proc, signal.SIGKILL)
-            proc.wait(10)
-    return proc.returncode
-
-
-def _kill_group_leftovers(proc: subprocess.Popen[bytes]) -> None:
-    """After a group leader exited, SIGKILL whatever it forked that is still running."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def reap_all() -> None:
-    """End every process this script started that is still running (and their process groups)."""
-    with _started_lock:
-        procs = list(_started)
-        _started.clear()
-    for proc in procs:
-        if proc.poll() is None:
-            stop_proc(proc, signal.SIGTERM, timeout=10)
-
-
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    print("\ningest.py: terminated; stopping the processes it started", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
 
 
 # -- tools -------------------------------------------------------------------------------------------
@@ -274,7 +206,7 @@ class Edged(Receiver):
         if self.proc is None:
             return
         rc = stop_proc(self.proc, signal.SIGTERM)
-        _kill_group_leftovers(self.proc)
+        kill_group_leftovers(self.proc)
         self.proc = None
         if rc != 0:  # reported, not raised: this runs in finally blocks
             print(f"\nwarning: edged exited with {rc} after SIGTERM (log: {self.log}):\n{_tail(self.log, 5)}",
@@ -329,7 +261,7 @@ class Storescp(Receiver):
     def stop(self) -> None:
         if self.proc is not None:
             stop_proc(self.proc, signal.SIGTERM)
-            _kill_group_leftovers(self.proc)
+            kill_group_leftovers(self.proc)
             self.proc = None
 
 
@@ -367,8 +299,7 @@ class Orthanc(Receiver):
         except (AssertionError, OSError, subprocess.SubprocessError) as exc:
             raise BenchError(f"Orthanc did not start: {exc}") from None
         assert self.server.proc is not None
-        with _started_lock:
-            _started.append(self.server.proc)  # reap_all ends it whatever happens
+        adopt(self.server.proc)  # reap_all ends it whatever happens
         return self
 
     def stored(self) -> int:
@@ -764,35 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so the finally blocks below still run
+    stop_on_sigterm("ingest.py")
     try:
         tools = find_tools()
     except BenchError as exc:
         print(f"ingest.py: {exc}", file=sys.stderr)
         return 2
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="edged-ingest-", dir=args.workdir))
-    try:
-        results = run_benchmark(args, root, tools)
-        print(report(results))
-        if args.json is not None:
-            args.json.write_text(json.dumps(to_json(results), indent=2) + "\n")
-            print(f"\nfigures written to {args.json}")
-        return 0
-    except BenchError as exc:
-        print(f"\ningest.py: {exc}", file=sys.stderr)
-        args.keep = True  # for inspection: logs, config, stored files
-        return 1
-    except KeyboardInterrupt:
-        print("\ningest.py: interrupted; stopping the processes it started", file=sys.stderr)
-        return 130
-    finally:
-        reap_all()
-        if args.keep:
-            print(f"work dir kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    return run_in_workdir("ingest.py", args, "edged-ingest-", lambda root: run_benchmark(args, root, tools),
+                          report, to_json)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,11 @@ See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
-import shutil
-import signal
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -41,17 +37,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from e2e import (  # noqa: E402
-    CLASSIFIER, HOST, MAX_PDU, EDGED_AET, BenchError, Edged, Pacs, _no_nan, open_journal,
-    proc_cpu_seconds,
+    CLASSIFIER, HOST, MAX_PDU, EDGED_AET, Edged, Pacs, open_journal, proc_cpu_seconds,
 )
-from ingest import _positive, reap_all  # noqa: E402
+from harness import BenchError, run_in_workdir, stop_on_sigterm  # noqa: E402
+from ingest import _positive  # noqa: E402
 
 CALLING_AET = "SOAKSCU"
-
-
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    print("\nsoak.py: terminated; stopping the processes it started", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
 
 #: A figure is "flat" when its fitted growth over the whole run stays under max(absolute, relative x start).
 FLAT_TOLERANCE: dict[str, tuple[float, float]] = {
@@ -492,36 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.settle_seconds is None:
         args.settle_seconds = args.retention_seconds + 35.0
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    stop_on_sigterm("soak.py")
     if not (args.engines / CLASSIFIER / "model.onnx").exists():
         print(f"soak.py: {args.engines / CLASSIFIER / 'model.onnx'} does not exist (use --engines DIR)", file=sys.stderr)
         return 2
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="edged-soak-", dir=args.workdir))
-    try:
-        results = run_soak(args, root)
-        print(report(results))
-        if args.json is not None:
-            args.json.write_text(json.dumps(_no_nan(results), indent=2) + "\n")
-            print(f"\nfigures written to {args.json}")
-        return 0
-    except BenchError as exc:
-        print(f"\nsoak.py: {exc}", file=sys.stderr)
-        args.keep = True
-        return 1
-    except KeyboardInterrupt:
-        print("\nsoak.py: interrupted; stopping the processes it started", file=sys.stderr)
-        return 130
-    except BaseException:
-        args.keep = True
-        raise
-    finally:
-        reap_all()
-        if args.keep:
-            print(f"work dir kept: {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    return run_in_workdir("soak.py", args, "edged-soak-", lambda root: run_soak(args, root), report, lambda r: r)
 
 
 if __name__ == "__main__":
