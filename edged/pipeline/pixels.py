@@ -14,8 +14,9 @@ pydicom's ValueError on a short Pixel Data, ...) stays what it was. The array eq
 test files), including its correction of unused high bits (Bits Stored < Bits Allocated).
 
 An instance job of a model that needs no geometry (a classifier) needs even less of the header: the
-attributes preprocessing reads and the SOP Class and Instance UIDs. :func:`read_pixels` walks the elements itself (explicit or implicit VR little endian: tag, VR, length;
-values skipped, sequences of undefined length skipped item by item), keeps those few attributes as an
+attributes preprocessing reads and the SOP Class and Instance UIDs. :func:`read_pixels` walks the
+elements itself (explicit or implicit VR little endian: tag, VR, length; values skipped, sequences of
+undefined length skipped item by item), keeps those few attributes as an
 :class:`ImageHeader` and reads Pixel Data as above. Whatever it does not recognise as plainly valid (a
 value pydicom would convert in a way it does not, an unknown or unexpected VR, an encoding pydicom
 would switch, elements out of order, undefined lengths outside sequences, a truncated file, a missing
