@@ -276,8 +276,8 @@ class PrebuiltItems:
     A memo, never a source of truth: the report reads its findings from the journal and looks each positive
     image up by everything its items are made from (label, SOP class and instance, probability, area);
     a miss (evicted, a restart, another process) builds them there as before. An entry is taken once; the
-    least recently added go first past ``limit`` entries (each ~2 KiB: three small datasets of raw
-    elements)."""
+    least recently added go first past ``limit`` entries (each a few small datasets of raw elements, a
+    few KiB)."""
 
     def __init__(self, limit: int = 1024) -> None:
         self.limit = limit

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import highdicom as hd
 import pydicom
+import pytest
 from pydicom.sr.codedict import codes
 
 from edged.dicom.uids import result_uids
@@ -202,9 +203,6 @@ def _spec_with_two_labels():
     (out,) = spec.outputs
     second = dataclasses.replace(out.labels[0], name="second")
     return dataclasses.replace(spec, outputs=[dataclasses.replace(out, labels=[*out.labels, second])])
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("with_area", [False, True])
