@@ -16,6 +16,11 @@ import numpy as np
 
 from edged.errors import PixelDataError
 
+try:
+    from numpy._core.umath import clip as _clip_ufunc  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.umath import clip as _clip_ufunc  # type: ignore[no-redef]
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -54,10 +59,16 @@ def _windowed(pixels: np.ndarray, slope: float, intercept: float, center: float,
     if width < 1:
         raise ValueError(f"window width must be >= 1, got {width}")
     lo = center - 0.5 - (width - 1) / 2
-    out = pixels.astype(np.float32)
-    out *= np.float32(slope / (width - 1))
+    # the stored values cast to float32 inside the multiply (one pass, no separate astype copy); the same
+    # float32 arithmetic as astype then *=, +=, clip
+    out = np.multiply(pixels, np.float32(slope / (width - 1)), dtype=np.float32)
     out += np.float32((intercept - lo) / (width - 1))
-    return np.clip(out, 0.0, 1.0, out=out)
+    return _clip01(out)
+
+
+def _clip01(out: np.ndarray) -> np.ndarray:
+    """``np.clip(out, 0, 1, out=out)`` on a float32 array: the clip ufunc itself, without np.clip's wrappers."""
+    return _clip_ufunc(out, np.float32(0.0), np.float32(1.0), out=out)  # type: ignore[no-any-return]
 
 
 def percentile_clip(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -91,11 +102,15 @@ def _linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.n
 def _block_mean(plane: np.ndarray, fy: int, fx: int) -> np.ndarray:
     """Mean of each ``fy`` x ``fx`` block, as float32: a sum of strided views (several times faster than
     ``reshape(...).mean(axis=(1, 3))``, whose reduction runs over non-adjacent axes)."""
-    acc = plane[0::fy, 0::fx].astype(np.float32)
-    for dy in range(fy):
-        for dx in range(fx):
-            if dy or dx:
-                acc += plane[dy::fy, dx::fx]
+    views = [plane[dy::fy, dx::fx] for dy in range(fy) for dx in range(fx)]
+    if len(views) > 1 and plane.dtype == np.float32:  # the first two summed into a new array: a pass fewer
+        acc = np.add(views[0], views[1])
+        views = views[2:]
+    else:
+        acc = views[0].astype(np.float32)
+        views = views[1:]
+    for view in views:
+        acc += view
     acc *= np.float32(1.0 / (fy * fx))
     return acc
 

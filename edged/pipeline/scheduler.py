@@ -32,7 +32,7 @@ from edged.inference.repository import ModelSpec
 from edged.metrics import Metrics
 from edged.pipeline.assembler import Geometry, SliceInfo, assemble, slice_infos
 from edged.pipeline.batcher import Batcher, Outputs, Request
-from edged.pipeline.pixels import read_image
+from edged.pipeline.pixels import read_image, read_pixels
 from edged.pipeline.postprocess import Finding, classify, segment
 from edged.pipeline.preprocess import prepare_dataset
 from edged.results.report import build_report, warm_up
@@ -66,10 +66,12 @@ def _instance_input(spool: Spool, journal: Journal, spec: ModelSpec, job: Job) -
     relpath = journal.instance_path(job.sop_instance_uid)
     if relpath is None:
         raise FileNotFoundError("instance not in the journal")
-    ds, pixels = read_image(spool.path(relpath))
+    classifier = spec.task == "classification"  # geometry places a mask in the patient; a classifier's findings have none
+    # a classifier needs only what preprocessing reads and the SOP Class: read_pixels' element walker, where it can
+    ds, pixels = (read_pixels if classifier else read_image)(spool.path(relpath))
     planes = prepare_dataset(ds, spec.preprocess.spec(), pixels)
-    sop_class = str(getattr(ds, "SOPClassUID", "")) or None
-    if spec.task == "classification":  # geometry places a mask in the patient; a classifier's findings have none
+    sop_class = str(getattr(ds, "SOPClassUID", "") or "") or None
+    if classifier:
         return Prepared(planes, [], None, [job.sop_instance_uid], sop_class_uid=sop_class)
     infos = slice_infos(ds, 0)
     spacing = assemble(infos).slice_spacing if len(infos) > 1 else None

@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
 from edged.errors import PixelDataError
-from edged.pipeline.pixels import read_image
+from edged.pipeline.pixels import ImageHeader, read_image, read_pixels
 from edged.pipeline.preprocess import PreprocessSpec, prepare_dataset
 from edged.synthetic import ct_slice
 
@@ -150,3 +150,121 @@ def test_odd_length_pixel_data_with_its_padding_byte(tmp_path: Path, syntax: str
     expected = pydicom.dcmread(path).pixel_array
     assert pixels.dtype == expected.dtype == np.int8
     np.testing.assert_array_equal(pixels, expected)
+
+
+# -- read_pixels: the element walker for callers that need only what preprocessing reads -------------------
+
+WALKER_SPEC = PreprocessSpec(size=(16, 16), window=(40.0, 400.0))
+
+
+def _outcome(fn, *args):
+    """A result, or the exception's type and message, for comparing two ways of doing the same thing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args)
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+def _model_input(ds, pixels):
+    out = _outcome(prepare_dataset, ds, WALKER_SPEC, pixels)
+    return out if isinstance(out, tuple) else out.tobytes()
+
+
+def _same_as_read_image(path: Path) -> bool:
+    """read_pixels(path) gives the model what read_image(path) gives it (the same planes, or the same error
+    from preprocessing); returns whether its walker took it. Where it did, the header's attributes are
+    pydicom's; where it did not, the result is read_image's. (read_image's own result is checked against
+    pydicom's full read and pixel_array by the tests above.)"""
+    got = _outcome(read_pixels, path)
+    before = _outcome(read_image, path)
+    if isinstance(got, tuple) and isinstance(got[0], type):  # an exception: read_image's own
+        assert got == before
+        return False
+    header, pixels = got
+    if not isinstance(header, ImageHeader):
+        assert not isinstance(before[0], type)
+        assert type(header) is type(before[0]) and (pixels is None) == (before[1] is None)
+        assert _model_input(header, pixels) == _model_input(*before)
+        assert _outcome(lambda: str(header.get("SOPClassUID"))) == _outcome(lambda: str(before[0].get("SOPClassUID")))
+        return False
+    assert not isinstance(before[0], type), before  # the walker reads only what read_image reads
+    assert _model_input(header, pixels) == _model_input(*before)
+    full = before[0]
+    assert header.SOPClassUID == full.get("SOPClassUID") and header.SOPInstanceUID == full.get("SOPInstanceUID")
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel"):
+        assert getattr(header, keyword) == full.get(keyword)
+    return True
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.name)
+def test_read_pixels_gives_the_same_model_input_on_pydicom_test_files(path: Path) -> None:
+    _same_as_read_image(path)
+
+
+def test_read_pixels_walker_takes_the_common_native_files() -> None:
+    taken = [path for path in CORPUS if _same_as_read_image(path)]
+    syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in taken}
+    assert {ExplicitVRLittleEndian, ImplicitVRLittleEndian} <= syntaxes
+    assert len(taken) >= 10
+
+
+def _with_sequences() -> pydicom.Dataset:
+    """A slice with rescale values, sequences of defined and undefined length (nested), a private
+    element and multi-valued strings: what the walker must step over."""
+    ds = _slice()
+    ds.RescaleSlope, ds.RescaleIntercept = "1.5", "-1024"
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "T-D0050", "SRT", "Tissue"
+    inner = pydicom.Dataset()
+    inner.ReferencedSOPClassUID, inner.ReferencedSOPInstanceUID = "1.2.3", "1.2.3.4"
+    item.ReferencedImageSequence = [inner, inner]
+    ds.AnatomicRegionSequence = [item]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.add_new(0x00091010, "LO", "private")
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined-length-sequences"])
+def test_read_pixels_walks_sequences_and_equals_pydicom(tmp_path: Path, syntax: str, undefined: bool) -> None:
+    ds = _with_sequences()
+    ds.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / "ct.dcm"
+    if undefined:
+        ds.AnatomicRegionSequence.is_undefined_length = True
+        ds.AnatomicRegionSequence[0].is_undefined_length_sequence_item = True
+        ds.AnatomicRegionSequence[0].ReferencedImageSequence.is_undefined_length = True
+    _write(ds, path)
+    header, pixels = read_pixels(path)
+    assert isinstance(header, ImageHeader)  # taken by the walker
+    assert header.RescaleSlope == 1.5 and header.RescaleIntercept == -1024.0
+    assert _same_as_read_image(path)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_read_pixels_never_gives_a_wrong_image_from_a_cut_or_mutated_file(tmp_path: Path, syntax: str) -> None:
+    # Every cut of the header and every byte of it changed (three ways): the walker either reads what
+    # pydicom reads, or declines and read_image's result (or error) comes back.
+    ds = _with_sequences()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.AnatomicRegionSequence.is_undefined_length = True
+    good = _write(ds, tmp_path / "good.dcm").read_bytes()
+    header_end = good.index(b"\xe0\x7f\x10\x00") + 12
+    path = tmp_path / "x.dcm"
+    taken = declined = 0
+    for cut in range(0, header_end + 64, 3):
+        path.write_bytes(good[:cut])
+        if _same_as_read_image(path):
+            taken += 1
+        else:
+            declined += 1
+    for at in range(132, header_end):
+        for new in (good[at] ^ 0x01, good[at] ^ 0x80, 0x5C):  # a bit, the high bit, a backslash
+            path.write_bytes(good[:at] + bytes([new]) + good[at + 1:])
+            if _same_as_read_image(path):
+                taken += 1
+            else:
+                declined += 1
+    assert declined > 0 and taken > 0  # both ways exercised

@@ -42,3 +42,39 @@ def test_block_mean_of_non_square_reduction() -> None:
     plane = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
     got = resize(plane, (3, 2))  # 2x4 blocks
     np.testing.assert_allclose(got, plane.reshape(3, 2, 2, 4).mean(axis=(1, 3)), atol=1e-5)
+
+
+def _previous_prepare_slice(pixels: np.ndarray, spec: PreprocessSpec, slope: float, intercept: float) -> np.ndarray:
+    """prepare_slice's windowed path as it was written before its passes were cut (astype copy, then *=,
+    +=, np.clip; the block mean from an astype copy of the first view): the model must get the same bits."""
+    center, width = spec.window  # type: ignore[misc]
+    lo = center - 0.5 - (width - 1) / 2
+    out = pixels.astype(np.float32)
+    out *= np.float32(slope / (width - 1))
+    out += np.float32((intercept - lo) / (width - 1))
+    out = np.clip(out, 0.0, 1.0, out=out)
+    h, w = out.shape
+    fy, fx = max(h // spec.size[0], 1), max(w // spec.size[1], 1)
+    out = out[:(h // fy) * fy, :(w // fx) * fx]
+    acc = out[0::fy, 0::fx].astype(np.float32)
+    for dy in range(fy):
+        for dx in range(fx):
+            if dy or dx:
+                acc += out[dy::fy, dx::fx]
+    acc *= np.float32(1.0 / (fy * fx))
+    return acc
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32])
+@pytest.mark.parametrize("shape,size", [((512, 512), (256, 256)), ((512, 512), (512, 512)), ((300, 451), (100, 150)),
+                                        ((512, 512), (128, 64))])
+def test_windowed_path_gives_the_same_bits_as_before(dtype, shape, size) -> None:
+    rng = np.random.default_rng(11)
+    info = np.iinfo(dtype)
+    pixels = rng.integers(max(info.min, -(1 << 20)), min(info.max, 1 << 20), size=shape, endpoint=True).astype(dtype)
+    for win, slope, intercept in (((-600.0, 1500.0), 1.0, -1024.0), ((40.0, 400.0), 0.37, 12.5), ((0.0, 2.0), 3.0, 0.0)):
+        spec = PreprocessSpec(size=size, window=win)
+        got = prepare_slice(pixels, spec, slope=slope, intercept=intercept)
+        expected = _previous_prepare_slice(pixels, spec, slope, intercept)
+        assert got.dtype == np.float32
+        assert got.tobytes() == expected.tobytes()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import highdicom as hd
 import pydicom
+import pytest
 from pydicom.sr.codedict import codes
 
 from edged.dicom.uids import result_uids
@@ -170,3 +171,75 @@ def test_prebuilt_items_are_bounded() -> None:
     assert len(prebuilt) == 3
     assert prebuilt.take(PrebuiltItems.key("lung nodule", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.0", 0.9, None)) is None
     assert prebuilt.take(PrebuiltItems.key("lung nodule", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 0.9, None)) is not None
+
+
+def _mixed_findings(tmp_path: Path, with_area: bool):
+    """Evidence of two SOP classes, UIDs of odd and even length, probabilities and areas whose decimal
+    strings take every length highdicom writes; two labels (the second reusing the first's images)."""
+    full = [pydicom.dcmread(p, stop_before_pixels=True) for p in write_ct_series(tmp_path, 14)]
+    evidence = [full[0]] + [_uids_only(ds) for ds in full[1:]]
+    for i, ds in enumerate(evidence):
+        if i % 3 == 1:
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}"[:60] + ("1" if i % 2 else "12")
+    probs = [0.1, 0.9, 0.5, 0.7312345678901234, 1.0, 0.55, 1 / 3, 0.99999999999, 0.6, 0.5000001, 2e-7 + 0.5,
+             0.75, 0.2, 0.8]
+    findings = []
+    for label, shift in (("lung nodule", 0), ("second", 5)):
+        for k, ds in enumerate(evidence):
+            p = probs[(k + shift) % len(probs)]
+            m = {"threshold": 0.5}
+            if with_area:
+                m["area_mm2"] = [12.0, 0.1 + 0.2, 1234567.891011, 3.0e-5, 7.5][k % 5]
+            findings.append(dict(label=label, present=p >= 0.5, probability=p, measurements_dict=m,
+                                 level="instance", sop_instance_uid=str(ds.SOPInstanceUID)))
+    return evidence, findings
+
+
+def _spec_with_two_labels():
+    import dataclasses
+
+    spec = Repository(REPO / "engines").load(["ct-nodule-cls"])["ct-nodule-cls"]
+    (out,) = spec.outputs
+    second = dataclasses.replace(out.labels[0], name="second")
+    return dataclasses.replace(spec, outputs=[dataclasses.replace(out, labels=[*out.labels, second])])
+
+
+@pytest.mark.parametrize("with_area", [False, True])
+def test_per_image_items_from_the_encoded_template_give_highdicoms_document(tmp_path: Path, with_area: bool) -> None:
+    # The per-image items are written from a template (raw elements); the document must be the one
+    # highdicom writes from the whole tree, whatever the SOP class, UID length, value and area.
+    from edged.results import sr as srmod
+
+    spec = _spec_with_two_labels()
+    evidence, findings = _mixed_findings(tmp_path, with_area)
+    uids = result_uids(str(evidence[0].SeriesInstanceUID), spec.name, spec.version, 0)
+    assert srmod._template("1.2.840.10008.5.1.4.1.1.2.1", with_area) is not None  # the template is used
+    ours = build_sr(spec=spec, evidence=evidence, findings=findings, series_uid=uids.sr_series,
+                    sop_uid=uids.sr_instance, instance_number=1, device_uid="1.2.3.4", segments={})
+    reference = _plain_highdicom(spec, evidence, findings, uids)
+    written = _bytes_without_timestamps(ours, tmp_path)
+    assert written == _bytes_without_timestamps(reference, tmp_path)
+    # and it reads back as highdicom's document: every positive image a source with its measurements
+    parsed = hd.sr.srread(_roundtrip(ours, tmp_path))
+    groups = parsed.content.get_image_measurement_groups()
+    assert len(groups) == 2
+    positives = sum(f["present"] for f in findings)
+    assert sum(len(g.source_images) for g in groups) == positives
+    assert sum(len(g.get_measurements()) for g in groups) == 2 + positives * (2 if with_area else 1)
+
+
+def test_without_a_usable_template_the_items_come_from_highdicom(tmp_path: Path, monkeypatch) -> None:
+    from edged.results import sr as srmod
+
+    spec = _spec_with_two_labels()
+    evidence, findings = _mixed_findings(tmp_path, True)
+    uids = result_uids(str(evidence[0].SeriesInstanceUID), spec.name, spec.version, 0)
+
+    def build():
+        return build_sr(spec=spec, evidence=evidence, findings=findings, series_uid=uids.sr_series,
+                        sop_uid=uids.sr_instance, instance_number=1, device_uid="1.2.3.4", segments={})
+
+    with_template = _bytes_without_timestamps(build(), tmp_path)
+    monkeypatch.setattr(srmod, "_template", lambda *args: None)
+    assert _bytes_without_timestamps(build(), tmp_path) == with_template
