@@ -102,6 +102,11 @@ def _native_threads_check() -> None:
     worker = threading.Thread(target=_burn, args=(0.3,))
     worker.start()
     worker.join()
+    # join() returns when the Python thread is done; the OS thread may still be exiting, and would then be
+    # seen as a thread Python did not start. Wait until it is gone from /proc.
+    gone = time.monotonic() + 10
+    while Path(f"/proc/self/task/{worker.native_id}").exists() and time.monotonic() < gone:
+        time.sleep(0.001)
     after_python = native_threads_cpu_seconds()
     assert after_python is not None and after_python - before < 0.15  # a Python thread's CPU is not counted
 
