@@ -25,6 +25,8 @@ from typing import Any
 from edged import logs
 
 KEY_NAME = "audit.key"
+#: ``json.dumps(record, sort_keys=True, separators=(",", ":"))`` without building an encoder per line.
+_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 log = logging.getLogger("edged.audit")
 
 
@@ -65,7 +67,7 @@ class AuditLog:
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"ts": self._timestamp(), "event": event, **fields}
-        data = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        data = (_encode(record) + "\n").encode()
         with self._lock:
             if self._fd is None:
                 return
