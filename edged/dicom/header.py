@@ -1,4 +1,9 @@
-"""Read the few header attributes the listener records, without decoding pixel data."""
+"""Read the few header attributes the listener records, without decoding pixel data.
+
+A little endian data set is first walked directly (:func:`edged.dicom.elements.scan`, then
+:func:`_fast`); whatever that does not decode exactly as pydicom does (big endian, an unusual VR, value,
+character set or structure, and every refusal) is read by pydicom (:func:`_read`), as before. Both
+give the same :class:`Header` or the same :class:`HeaderError` (``tests/unit/test_elements.py``)."""
 
 from __future__ import annotations
 
