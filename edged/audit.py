@@ -12,7 +12,6 @@ is cut off again, so the file stays valid JSON lines), ``audit.write_failed`` is
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -26,6 +25,8 @@ from typing import Any
 from edged import logs
 
 KEY_NAME = "audit.key"
+#: ``json.dumps(record, sort_keys=True, separators=(",", ":"))`` without building an encoder per line.
+_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 log = logging.getLogger("edged.audit")
 
 
@@ -38,6 +39,7 @@ class AuditLog:
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self._size = os.fstat(self._fd).st_size
         self._dropped = 0
+        self._stamp = (-1, "")
 
     @staticmethod
     def _load_key(path: Path) -> bytes:
@@ -51,12 +53,21 @@ class AuditLog:
 
     def ref(self, uid: str) -> str:
         """The reference recorded instead of a UID."""
-        return hmac.new(self._key, uid.encode(), hashlib.sha256).hexdigest()[:24]
+        return hmac.digest(self._key, uid.encode(), "sha256").hex()[:24]  # hmac.new(...).hexdigest(), one call
+
+    def _timestamp(self) -> str:
+        """Now, UTC, to the millisecond (the seconds' text is formatted once per second)."""
+        now = time.time()
+        second = int(now)
+        cached, text = self._stamp  # one tuple: threads never see one second's text under another's
+        if second != cached:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._stamp = (second, text)
+        return f"{text}.{int(now * 1000) % 1000:03d}Z"
 
     def write(self, event: str, **fields: Any) -> None:
-        record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
-                  "event": event, **fields}
-        data = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        record = {"ts": self._timestamp(), "event": event, **fields}
+        data = (_encode(record) + "\n").encode()
         with self._lock:
             if self._fd is None:
                 return

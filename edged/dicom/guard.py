@@ -467,11 +467,45 @@ class GuardedDUL(DULServiceProvider):
 
     def _recv_into(self, view: memoryview, deadline: float) -> None:
         """Fill ``view`` from the socket by ``deadline``; give up early if the association is being aborted
-        here (stock pynetdicom would sit in ``recv`` and never send that A-ABORT)."""
+        here (stock pynetdicom would sit in ``recv`` and never send that A-ABORT).
+
+        A plain (blocking) socket is read with ``MSG_DONTWAIT`` and waited on with ``poll`` only when
+        nothing is there, so its blocking mode is never changed; a TLS socket (no flags allowed, and
+        data may wait in its buffer unseen by ``poll``) with ``settimeout`` around each ``recv``."""
         assert self.socket is not None
         sock = self.socket.socket
         if sock is None:
             raise _Closed
+        if isinstance(sock, ssl.SSLSocket) or sock.gettimeout() is not None:
+            return self._recv_into_timed(sock, view, deadline)
+        n, got = len(view), 0
+        poller = None
+        monotonic = time.monotonic
+        try:
+            while got < n:
+                if monotonic() >= deadline:
+                    raise _TooSlow
+                if self._aborting():
+                    raise _Closed
+                try:
+                    k = sock.recv_into(view[got:], min(n - got, _READ_CHUNK), socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    if poller is None:
+                        poller = select.poll()
+                        poller.register(sock, select.POLLIN | select.POLLPRI)
+                    remaining = deadline - monotonic()
+                    if remaining > 0:
+                        poller.poll(max(1, int(min(remaining, _POLL_SECONDS) * 1000)))
+                    continue
+                if k == 0:
+                    raise _Closed
+                got += k
+        except OSError:
+            raise _Closed from None
+        except ValueError:  # the socket was closed under us
+            raise _Closed from None
+
+    def _recv_into_timed(self, sock: socket.socket, view: memoryview, deadline: float) -> None:
         n, got = len(view), 0
         try:
             while got < n:
@@ -501,8 +535,8 @@ class GuardedDUL(DULServiceProvider):
     def _aborting(self) -> bool:
         if self._kill_thread:
             return True
-        pending = list(self.to_provider_queue.queue)
-        return any(isinstance(p, (A_ABORT, A_P_ABORT)) for p in pending)
+        pending = self.to_provider_queue.queue
+        return bool(pending) and any(isinstance(p, (A_ABORT, A_P_ABORT)) for p in list(pending))
 
     def _count_fragments(self, body: bytearray, pos: int = 0) -> str | None:
         """Add the fragments of the P-DATA-TF items in ``body[pos:]`` to the command and data set being
