@@ -39,6 +39,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from edged.dicom import elements
+
 PIXEL_DATA = 0x7FE00010
 _NATIVE_LITTLE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 _LONG_VRS = {b"OB", b"OW", b"UN"}  # the VRs Pixel Data may have, all with a 4-byte length after 2 reserved bytes
@@ -162,9 +164,8 @@ _WANTED = {
     0x00281053: ("RescaleSlope", "DS"),
 }
 _REQUIRED = ("PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
-_EXPLICIT_LONG = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_EXPLICIT_SHORT = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
-                   b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+_EXPLICIT_LONG = elements.LONG_VRS  # the same VR tables as the listener's header walker
+_EXPLICIT_SHORT = elements.KNOWN_VRS - elements.LONG_VRS
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _IS = re.compile(r" *[+-]?[0-9]+ *")
 _DS = re.compile(r" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")
