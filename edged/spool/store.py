@@ -135,27 +135,13 @@ class Spool:
         final name: it has no journal row, was never acknowledged, and :meth:`reconcile` removes it at
         the next start. On error nothing is left behind and :class:`OSError` is raised.
         """
-        with self._counter_lock:
-            self._counter += 1
-            n = self._counter
-        tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}{TMP_SUFFIX}"
-        final = self.storage_dir / relpath
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        placed = False
+        fd, tmp = self.open_temp()
         try:
             _write_all(fd, parts)
-            os.replace(tmp, final)
-            placed = True
-            os.fsync(fd)
         except BaseException:
-            os.close(fd)
-            if placed:
-                self.remove(relpath)
-            else:
-                self.discard(tmp)
+            self.abandon(fd, tmp)
             raise
-        os.close(fd)
-        return final
+        return self.place(fd, tmp, relpath)
 
     def open_temp(self) -> tuple[int, Path]:
         """A new, empty temp file opened for reading and writing (for a dataset written as it arrives):
