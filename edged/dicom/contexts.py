@@ -18,10 +18,17 @@ import pynetdicom
 
 TESTED = ("3.0.",)
 
-if not str(pynetdicom.__version__).startswith(TESTED):  # pragma: no cover - guards an upgrade
-    raise ImportError(
-        f"edged.dicom.contexts was written for pynetdicom {', '.join(TESTED)}x, found {pynetdicom.__version__}: "
-        "check that association negotiation still only reads the supported contexts, then update TESTED")
+
+def require_pynetdicom(module: str, tested: tuple[str, ...], check: str) -> None:
+    """Refuse to import ``module`` (an override of pynetdicom internals) on a pynetdicom it was not written
+    for: the ImportError says which versions it was written for and what to ``check`` before widening them."""
+    if not str(pynetdicom.__version__).startswith(tested):  # pragma: no cover - guards an upgrade
+        raise ImportError(
+            f"{module} was written for pynetdicom {', '.join(tested)}x, found {pynetdicom.__version__}: "
+            f"{check}, then update TESTED")
+
+
+require_pynetdicom(__name__, TESTED, "check that association negotiation still only reads the supported contexts")
 
 
 class SharedContexts(list):  # type: ignore[type-arg]

@@ -67,7 +67,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pynetdicom
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
@@ -75,6 +74,7 @@ from pynetdicom.transport import RequestHandler
 from pynetdicom.utils import make_target
 
 from edged import logs
+from edged.dicom.contexts import require_pynetdicom
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.association import Association
@@ -82,11 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edged.metrics import Metrics
 
 TESTED = ("3.0.",)
-
-if not str(pynetdicom.__version__).startswith(TESTED):  # pragma: no cover - guards an upgrade
-    raise ImportError(
-        f"edged.dicom.guard was written for pynetdicom {', '.join(TESTED)}x, found {pynetdicom.__version__}: "
-        "check that DULServiceProvider._read_pdu_data is still the one place PDUs are read, then update TESTED")
+require_pynetdicom(__name__, TESTED, "check that DULServiceProvider._read_pdu_data is still the one place PDUs are read")
 
 log = logging.getLogger("edged.scp")
 

@@ -56,22 +56,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import pynetdicom
 from pynetdicom import _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from edged.dicom.contexts import require_pynetdicom
 from edged.dicom.fastdimse import store_success_command
 from edged.dicom.filemeta import encode_file_meta
 from edged.dicom.guard import GuardedDUL
 
 TESTED = ("3.0.",)
-
-if not str(pynetdicom.__version__).startswith(TESTED):  # pragma: no cover - guards an upgrade
-    raise ImportError(
-        f"edged.dicom.stream was written for pynetdicom {', '.join(TESTED)}x, found {pynetdicom.__version__}: "
-        "check the internals its docstring lists, then update TESTED")
+require_pynetdicom(__name__, TESTED, "check the internals its docstring lists")
 
 log = logging.getLogger("edged.scp")
 
