@@ -24,6 +24,23 @@ LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
 HTTP_LISTENING = re.compile(r"event=http.listening host=\S+ port=(\d+)")
 
 
+def part10_dataset(raw: bytes) -> tuple[bytes, str] | None:
+    """A Part 10 file's data set (the bytes after its File Meta) and its transfer syntax UID, as a C-STORE
+    would carry them; None for anything without a readable preamble and File Meta."""
+    import io
+
+    import pydicom
+
+    if len(raw) < 144 or raw[128:132] != b"DICM":
+        return None
+    end = 144 + int.from_bytes(raw[140:144], "little")
+    try:
+        ts = str(pydicom.dcmread(io.BytesIO(raw[:end])).file_meta.TransferSyntaxUID)
+    except Exception:  # noqa: BLE001 - no usable file meta
+        return None
+    return raw[end:], ts
+
+
 def require_tool(name: str) -> str:
     """A peer program from the system, never pynetdicom's same-named scripts in the virtualenv's bin."""
     venv_bin = os.path.realpath(Path(sys.prefix) / "bin")
