@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,4 @@ def run_in_workdir(prog: str, args: Any, prefix: str, run: Callable[[Path], R], 
         if args.keep:
             print(f"work dir kept: {root}", file=sys.stderr)
         else:
-            import shutil
-
             shutil.rmtree(root, ignore_errors=True)
