@@ -118,10 +118,10 @@ class PacedSender:
     def _series(self, first: int, n: int) -> None:
         study, series = generate_uid(), generate_uid()
         frame = generate_uid(entropy_srcs=[study, "for"])
-        assoc = self.ae.associate(HOST, self.port, ae_title=EDGED_AET, max_pdu=MAX_PDU)
+        # edged.dicom.requestor: pynetdicom's reactor would sometimes take a response
+        assoc = requestor.associate(self.ae, HOST, self.port, ae_title=EDGED_AET, max_pdu=MAX_PDU)
         if not assoc.is_established:
             raise BenchError("edged did not accept the association")
-        requestor.install(assoc)  # pynetdicom's reactor would sometimes take a response (edged.dicom.requestor)
         try:
             for k in range(n):
                 if self._stop.is_set():

@@ -20,13 +20,24 @@ as before. :func:`install` switches an established association's provider to it;
 fields. Written against pynetdicom 3.0 (checked at import with the contexts module's pin);
 tests/unit/test_requestor.py checks the queue behaviour with pynetdicom's own primitives and the race
 itself with a real association.
+
+A second race, in negotiation: the calling thread sends the A-ASSOCIATE-RQ, waits for the connection to
+be made, then checks that the socket is still connected before it reads the answer. A peer that rejects
+at once (busy, or an AE title it does not know) sends its A-ASSOCIATE-RJ and closes; when the requestor's
+DUL thread has already read that and closed its end before the calling thread looks, pynetdicom concludes
+that the connection failed, "aborts" and leaves the rejection unread in its queue. The caller sees an
+aborted association instead of a rejected one, so a permanent rejection is retried as if transient.
+:func:`associate` reads the answer left behind and reports the rejection pynetdicom received.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from edged.dicom import contexts  # noqa: F401 - imports the pynetdicom version check
 
@@ -54,3 +65,28 @@ def install(assoc: Any) -> Any:
     if isinstance(dimse, DIMSEServiceProvider) and not isinstance(dimse, ResponseKeepingDIMSE):
         dimse.__class__ = ResponseKeepingDIMSE
     return assoc
+
+
+def associate(ae: AE, host: str, port: int, **kwargs: Any) -> Association:
+    """``ae.associate(host, port, **kwargs)``, with a rejection that came before pynetdicom looked reported
+    as a rejection (see the module); an established association gets :func:`install`."""
+    assoc = ae.associate(host, port, **kwargs)
+    if assoc.is_established:
+        return install(assoc)
+    if not assoc.is_rejected:
+        answer = _unread_rejection(assoc)
+        if answer is not None:
+            assoc.acceptor.primitive = answer
+            assoc.is_aborted = False
+            assoc.is_rejected = True
+    return assoc
+
+
+def _unread_rejection(assoc: Association) -> A_ASSOCIATE | None:
+    """The A-ASSOCIATE-RJ the peer sent and pynetdicom left in ``to_user_queue``, if any."""
+    q = assoc.dul.to_user_queue
+    with q.mutex:
+        for item in q.queue:
+            if isinstance(item, A_ASSOCIATE) and item.result in (0x01, 0x02):
+                return item
+    return None

@@ -40,11 +40,12 @@ def _ae(aet: str, timeout: float) -> AE:
 def _associate(ae: AE, host: str, port: int, aec: str, tls: object | None = None) -> object:
     peer = f"{host}:{port}"
     try:
-        assoc = ae.associate(host, port, ae_title=aec, tls_args=tls)  # type: ignore[arg-type]
+        # requestor: a quick rejection is reported as one, responses stay for the call that waits for them
+        assoc = requestor.associate(ae, host, port, ae_title=aec, tls_args=tls)
     except OSError as exc:
         raise DicomNetworkError(peer, f"cannot connect: {exc}") from None
     if assoc.is_established:
-        return requestor.install(assoc)  # responses stay for the call that waits for them
+        return assoc
     if assoc.is_rejected:
         raise DicomNetworkError(peer, "association rejected (check the called and calling AE titles)")
     raise DicomNetworkError(peer, "association aborted or connection failed")

@@ -134,8 +134,9 @@ class Sender:
             if self.dest.tls.cert is not None:
                 ctx.load_cert_chain(str(self.dest.tls.cert), str(self.dest.tls.key))
             tls = (ctx, None)
-        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
+        # requestor: a quick rejection is reported as one, responses stay for the call that waits for them
+        assoc = requestor.associate(ae, self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls,
+                                    evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
         if not assoc.is_established:
             if assoc.is_rejected:
                 result = getattr(assoc.acceptor.primitive, "result", None)
@@ -143,7 +144,7 @@ class Sender:
                 raise AssociationFailed(f"association rejected ({'transient' if transient else 'permanent'})",
                                         transient)
             raise AssociationFailed("association failed", True)
-        self._assoc = requestor.install(assoc)  # responses stay for the call that waits for them
+        self._assoc = assoc
         return assoc
 
     def _release(self) -> None:

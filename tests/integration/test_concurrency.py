@@ -18,6 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from support import EdgedProcess, dcmtk_env, require_tool
 
+from edged.dicom import requestor
 from edged.synthetic import write_ct_series
 
 IMAGES_PER_SENDER = 3
@@ -139,7 +140,8 @@ def test_beyond_max_associations_transient_rejection_then_retry(edged_factory, t
             delay = 0.1
             while True:
                 tries[i] += 1
-                assoc = sender_ae().associate("127.0.0.1", edged.port, ae_title="EDGED")
+                # requestor.associate: stock pynetdicom sometimes reports a quick rejection as an abort
+                assoc = requestor.associate(sender_ae(), "127.0.0.1", edged.port, ae_title="EDGED")
                 if tries[i] == 1:
                     rj = assoc.acceptor.primitive if assoc.is_rejected else None
                     first[i] = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
@@ -150,7 +152,8 @@ def test_beyond_max_associations_transient_rejection_then_retry(edged_factory, t
                     finally:
                         assoc.release()
                     return
-                assert assoc.is_rejected, f"sender {i}: neither accepted nor rejected"
+                assert assoc.is_rejected, (f"sender {i} try {tries[i]}: neither accepted nor rejected "
+                                           f"(aborted={assoc.is_aborted})")
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         except Exception as exc:
@@ -163,7 +166,7 @@ def test_beyond_max_associations_transient_rejection_then_retry(edged_factory, t
         t.start()
     for t in threads:
         t.join(180)
-    assert not errors, errors[:5]
+    assert not errors, (errors[:5], edged.log_text()[-4000:])
     rejected = [r for r in first.values() if r is not None]
     # pynetdicom counts every association being negotiated, so a burst may see fewer than `limit` accepted
     # (even none, when all twelve arrive in the same instant); the retries below must then get everyone in
@@ -183,10 +186,10 @@ def test_beyond_max_associations_transient_rejection_then_retry(edged_factory, t
 def test_busy_wins_over_a_wrong_called_ae_and_is_labelled_as_sent(edged_factory, tmp_path: Path) -> None:
     """pynetdicom's busy check overrides an AE title mismatch; the metric's label is what was sent."""
     edged = receiver(edged_factory, tmp_path, max_associations=1)
-    held = sender_ae().associate("127.0.0.1", edged.port, ae_title="EDGED")
+    held = requestor.associate(sender_ae(), "127.0.0.1", edged.port, ae_title="EDGED")
     assert held.is_established
     try:
-        assoc = sender_ae().associate("127.0.0.1", edged.port, ae_title="NOTEDGED")
+        assoc = requestor.associate(sender_ae(), "127.0.0.1", edged.port, ae_title="NOTEDGED")
         rj = assoc.acceptor.primitive
         assert assoc.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)
     finally:

@@ -1,4 +1,5 @@
-"""edged.dicom.requestor: a requestor's reactor thread no longer takes the response a send_* call waits for.
+"""edged.dicom.requestor: a requestor's reactor thread no longer takes the response a send_* call waits for,
+and a rejection that arrives before pynetdicom looks is reported as a rejection.
 
 The race needs the reactor thread to run at one exact moment; these tests make that moment happen on
 purpose instead of waiting for it: the reactor is paused the way pynetdicom pauses it, a C-ECHO goes to a
@@ -13,7 +14,7 @@ import time
 from typing import Any, Iterator
 
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -95,3 +96,65 @@ def test_requests_from_the_peer_are_still_served_by_the_reactor() -> None:
 
 def test_edged_echo_uses_it(peer: int) -> None:
     assert echo("127.0.0.1", peer, aec="PEER", timeout=5) == 0x0000
+
+
+@pytest.fixture
+def picky_peer() -> Iterator[int]:
+    """A peer that rejects (permanent, called AE title not recognised) every association not called PEER."""
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = True
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+def _late(assoc_event: Any) -> None:
+    """Bound to EVT_REQUESTED, which pynetdicom triggers in the calling thread right after it queues the
+    A-ASSOCIATE-RQ: the calling thread looks only once the peer has answered and closed, as on a busy CPU."""
+    time.sleep(0.3)
+
+
+def _requestor_ae() -> AE:
+    ae = AE(ae_title="EDGED")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 5
+    return ae
+
+
+def test_stock_pynetdicom_reports_a_quick_rejection_as_an_abort(picky_peer: int) -> None:
+    assoc = _requestor_ae().associate("127.0.0.1", picky_peer, ae_title="NOTPEER",
+                                      evt_handlers=[(evt.EVT_REQUESTED, _late)])
+    assert assoc.is_aborted and not assoc.is_rejected  # the peer rejected; pynetdicom says "aborted"
+
+
+def test_a_quick_rejection_is_reported_as_the_rejection_it_was(picky_peer: int) -> None:
+    assoc = requestor.associate(_requestor_ae(), "127.0.0.1", picky_peer, ae_title="NOTPEER",
+                                evt_handlers=[(evt.EVT_REQUESTED, _late)])
+    assert assoc.is_rejected and not assoc.is_aborted and not assoc.is_established
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)  # permanent: called AE title
+
+
+def test_associate_still_establishes_and_installs(picky_peer: int) -> None:
+    assoc = requestor.associate(_requestor_ae(), "127.0.0.1", picky_peer, ae_title="PEER",
+                                evt_handlers=[(evt.EVT_REQUESTED, _late)])
+    try:
+        assert assoc.is_established and isinstance(assoc.dimse, requestor.ResponseKeepingDIMSE)
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_a_peer_that_is_not_there_is_neither_rejected_nor_established() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ae = _requestor_ae()
+    ae.connection_timeout = 2
+    assoc = requestor.associate(ae, "127.0.0.1", port, ae_title="PEER")
+    assert not assoc.is_rejected and not assoc.is_established
