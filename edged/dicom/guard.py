@@ -67,6 +67,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
@@ -75,6 +76,7 @@ from pynetdicom.utils import make_target
 
 from edged import logs
 from edged.dicom.contexts import require_pynetdicom
+from edged.dicom.negotiation import RequestMemo
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.association import Association
@@ -137,6 +139,8 @@ class Guard:
         #: Where C-STORE data sets are streamed (:class:`edged.dicom.stream.StreamSink`); None: pynetdicom
         #: assembles every message as before.
         self.stream = stream
+        #: A-ASSOCIATE-RQs this listener has decoded (:mod:`edged.dicom.negotiation`).
+        self.requests = RequestMemo()
 
     def install(self, assoc: "Association") -> None:
         """Make ``assoc``'s (not yet started) DUL a :class:`GuardedDUL` (a streaming one when ``stream``
@@ -424,6 +428,16 @@ class GuardedDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """pynetdicom's, with an A-ASSOCIATE-RQ decoded through the listener's :class:`RequestMemo`."""
+        if bytestream[:1] != b"\x01":
+            return super()._decode_pdu(bytestream)
+        data = bytes(bytestream)
+        evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})  # as pynetdicom: before decoding
+        pdu = self._guard.requests.decode(data)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt6"  # A-ASSOCIATE-RQ PDU received
 
     def _stream_p_data(self, length: int, deadline: float) -> bool:
         """Read a P-DATA-TF body (``length`` bytes) another way; False: pynetdicom's way (the default)."""

@@ -28,6 +28,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from edged import logs
 from edged.dicom import contexts  # noqa: F401 - imports the pynetdicom version check
+from edged.dicom import negotiation
 from edged.dicom.guard import Guard, GuardedRequestHandler
 
 log = logging.getLogger("edged.scp")
@@ -100,6 +101,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 def start_server(ae: AE, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None, evt_handlers: list,
                  contexts: list, handshake_timeout: float, guard: Guard | None = None) -> ListeningServer:
     """Like ``AE.start_server(block=False)``, with :class:`ListeningServer` and ``guard``'s bounds."""
+    negotiation.install()  # negotiation over `contexts` (a SharedContexts) is remembered
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers, contexts=contexts,
                             server_class=ListeningServer, request_handler=GuardedRequestHandler)
     server.handshake_timeout = handshake_timeout
