@@ -121,6 +121,9 @@ class EnginesConfig:
     cache_dir: Path | None = field(default=None, metadata=meta(path=True))
     intra_op_threads: int = field(default=0, metadata=meta(in_range(0, 256)))
     inter_op_threads: int = field(default=1, metadata=meta(in_range(0, 256)))
+    #: ONNX Runtime's pool threads spin while they wait for work (its default). Off: they sleep, and the
+    #: cores they would burn go to receiving and preprocessing (an edge box shares them).
+    spin_wait: bool = False
 
     def cache(self, storage_dir: Path) -> Path:
         """Built plans and converted ONNX: ``cache_dir``, else ``<storage dir>/engines``."""

@@ -19,11 +19,12 @@ class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
     def __init__(self, spec: ModelSpec, *, onnx_path: Path | None = None, precision: str = "fp32",
-                 intra_op_threads: int = 0, inter_op_threads: int = 1) -> None:
+                 intra_op_threads: int = 0, inter_op_threads: int = 1, spin_wait: bool = False) -> None:
         super().__init__(spec, precision)
         self.onnx_path = onnx_path or spec.onnx_path
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        self.spin_wait = spin_wait
         self._session: Any = None
         self._output_names: list[str] = []
 
@@ -35,6 +36,9 @@ class OnnxRuntimeEngine(Engine):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.intra_op_threads
         opts.inter_op_num_threads = self.inter_op_threads
+        spin = "1" if self.spin_wait else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             session = ort.InferenceSession(str(self.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])

@@ -62,7 +62,7 @@ def start_engine(spec: ModelSpec, backend: str, cache: ArtifactCache, cfg: Engin
     engine: Engine
     if backend == "onnxruntime":
         engine = OnnxRuntimeEngine(spec, onnx_path=onnx, precision=prec, intra_op_threads=cfg.intra_op_threads,
-                                   inter_op_threads=cfg.inter_op_threads)
+                                   inter_op_threads=cfg.inter_op_threads, spin_wait=cfg.spin_wait)
         engine.activate()
         return engine
     if plans is None:

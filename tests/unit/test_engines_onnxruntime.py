@@ -63,3 +63,27 @@ def test_input_name_mismatch(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as exc:
         OnnxRuntimeEngine(load_model(d)).activate()
     assert exc.value.tensor == "pixels"
+
+
+def _spinning(engine: OnnxRuntimeEngine) -> tuple[str, str]:
+    opts = engine._session.get_session_options()
+    return (opts.get_session_config_entry("session.intra_op.allow_spinning"),
+            opts.get_session_config_entry("session.inter_op.allow_spinning"))
+
+
+def test_pool_threads_sleep_while_waiting_unless_spin_wait_is_set(cls_spec, tmp_path: Path) -> None:
+    """ONNX Runtime's idle pool threads spin by default, taking cores the listener needs; edged turns that
+    off unless [engines] spin_wait = true, and the setting reaches the session start_engine makes."""
+    from edged.config import EnginesConfig
+    from edged.inference.cache import ArtifactCache
+    from edged.inference.select import start_engine
+
+    assert EnginesConfig().spin_wait is False
+    for spin_wait, expected in ((False, ("0", "0")), (True, ("1", "1"))):
+        engine = start_engine(cls_spec, "onnxruntime", ArtifactCache(tmp_path / f"cache-{spin_wait}"),
+                              EnginesConfig(intra_op_threads=2, spin_wait=spin_wait), precision="fp32")
+        try:
+            assert _spinning(engine) == expected
+            assert engine.infer(np.zeros((2, 1, 32, 32), np.float32))["logit"].shape[0] == 2
+        finally:
+            engine.deactivate()
