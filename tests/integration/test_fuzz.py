@@ -347,11 +347,12 @@ def test_mutated_pdus_over_raw_sockets(edged_factory, tmp_path: Path) -> None:
     # The only traceback allowed: pynetdicom's state machine raising in its DUL thread when the acceptor's
     # answer (Evt7 accept / Evt8 reject) meets an association it already aborted (Sta13). Harmless: the
     # connection is closed by the association thread; anything else fails here.
-    log = edged.log_text()
-    tracebacks = log.count("Traceback (most recent call last)")
-    known = len(re.findall(r"InvalidEventError: Invalid event 'Evt[78]' for the current state 'Sta13'", log))
-    assert tracebacks == known, log[log.index("Traceback") :][:3000]
+    assert edged.stop() == 0  # and every traceback a late case may still be printing is whole in the log
+    known = re.compile(r"InvalidEventError: Invalid event 'Evt[78]' for the current state 'Sta13'")
+    tracebacks = edged.log_text().split("Traceback (most recent call last)")[1:]  # each up to the next one
+    unknown = [t for t in tracebacks if not known.search(t)]
+    assert not unknown, f"{len(unknown)} unexpected traceback(s) of {len(tracebacks)}; the first:{unknown[0][:3000]}"
     names = {2: "accepted", 3: "rejected", 4: "p-data", 6: "released", 7: "aborted"}
     print(f"\npdu fuzz: {PDU_CASES} tried, {PDU_CASES} survived, 0 lost; last PDU back:"
           f" {({names.get(k, k): v for k, v in answered.items()})}; honest echo answered after {echo_wait:.1f}s;"
-          f" {known} pynetdicom Sta13 tracebacks")
+          f" {len(tracebacks)} pynetdicom Sta13 tracebacks")
