@@ -5,11 +5,13 @@ CPU time, unlike images/s, hardly depends on what else runs on the machine, so i
 the receive path on a busy machine. A fresh daemon (benchmarks/ingest.py's :class:`Edged`: empty model
 repository, fsync before every Success) receives ``--warmup`` images first (imports, first association,
 caches), then ``--count`` more, measured from ``/proc/<pid>/stat``; ``--repeat`` fresh daemons, the median
-is printed. ``--py-spy FILE`` also records the measured part with py-spy (``--native``, speedscope
+is printed. ``--compare DIR`` alternates each run with one of the edged package in ``DIR`` (another
+checkout, put first on the daemon's PYTHONPATH), so that before and after see the same machine load.
+``--py-spy FILE`` also records the measured part with py-spy (``--native``, speedscope
 format) when py-spy is installed.
 
 Run:  .venv/bin/python benchmarks/listener_cpu.py [--count 500] [--warmup 50] [--associations 1]
-          [--repeat 3] [--py-spy profile.json]
+          [--repeat 3] [--compare OTHER_CHECKOUT] [--py-spy profile.json]
 """
 
 from __future__ import annotations
@@ -63,27 +65,48 @@ def measure(root: Path, files: Sequence[Path], warmup: int, associations: int, p
     return (c1 - c0) * 1000 / (len(files) - warmup)
 
 
+def _set_pythonpath(first: str | None, saved: str | None) -> None:
+    """The daemons started next import edged from ``first`` (None: from this checkout)."""
+    parts = [p for p in (first, saved) if p]
+    if parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join(parts)
+    else:
+        os.environ.pop("PYTHONPATH", None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=500, help="images measured (default 500)")
     p.add_argument("--warmup", type=int, default=50, help="images sent first, not measured (default 50)")
     p.add_argument("--associations", type=int, default=1, help="concurrent storescu processes (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="fresh daemons; the median is printed (default 3)")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="another checkout: alternate every run with its edged package (its median printed too)")
     p.add_argument("--py-spy", type=Path, default=None, dest="py_spy", help="record the last run with py-spy")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="edged-listener-cpu-"))
     try:
         files = write_ct_series(root / "series", args.warmup + args.count)
-        per_image = []
-        for i in range(args.repeat):
-            ms = measure(root, files, args.warmup, args.associations,
-                         args.py_spy if i == args.repeat - 1 else None)
-            per_image.append(ms)
-            print(f"  run {i + 1}: {ms:.2f} ms CPU per image", flush=True)
-        print(f"edged listener, {args.associations} association(s), {args.count} images of "
-              f"{files[-1].stat().st_size / 1e3:.0f} KB: median {statistics.median(per_image):.2f} ms CPU per image "
-              f"({os.cpu_count()} CPU cores; every thread of the daemon, user + system)")
+        trees: dict[str, str | None] = {"this checkout": None}
+        if args.compare is not None:
+            trees[str(args.compare)] = str(args.compare.resolve())
+        per_image: dict[str, list[float]] = {name: [] for name in trees}
+        saved = os.environ.get("PYTHONPATH")
+        try:
+            for i in range(args.repeat):
+                for name, src in trees.items():
+                    _set_pythonpath(src, saved)
+                    ms = measure(root, files, args.warmup, args.associations,
+                                 args.py_spy if i == args.repeat - 1 and src is None else None)
+                    per_image[name].append(ms)
+                    print(f"  run {i + 1} ({name}): {ms:.2f} ms CPU per image", flush=True)
+        finally:
+            _set_pythonpath(None, saved)
+        for name, values in per_image.items():
+            print(f"edged listener ({name}), {args.associations} association(s), {args.count} images of "
+                  f"{files[-1].stat().st_size / 1e3:.0f} KB: median {statistics.median(values):.2f} ms CPU per image "
+                  f"({os.cpu_count()} CPU cores; every thread of the daemon, user + system)")
     finally:
         if args.keep:
             print(f"kept {root}")
