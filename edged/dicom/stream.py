@@ -24,9 +24,9 @@ the common message off that path and does it in the DUL's own thread:
    checked at each fragment's header, before its bytes are read. Writing stops (the rest is read and
    dropped) on a write error, or when it would eat into ``storage.min_free_bytes``.
 4. After the last fragment the sink (:meth:`edged.dicom.scp.StoreHandler.store_streamed`) reads the
-   header from the head of the file (:func:`edged.dicom.header.read_header_at`: its first 64 KiB,
-   walked directly up to Pixel Data, or through pydicom where the walker gives up; when the write failed, from the data set's first :data:`HEAD` bytes, kept
-   in memory), runs the same
+   header (:func:`edged.dicom.header.read_header_at`: the data set's first :data:`HEAD` bytes, kept in
+   memory as they were written, walked directly up to Pixel Data, or the file through pydicom where the
+   walker gives up; when the write failed, from those first bytes alone), runs the same
    checks in the same order with the same statuses as the in-memory path, renames the file into place,
    fsyncs it, and commits it with the directory fsync and its journal row (group commit); only then
    does the response go out, from this thread: Success as a ready-made PDU
