@@ -4,10 +4,11 @@ C-STORE while DCMTK ``storescu`` sends synthetic 512x512 CT slices over one or m
 CPU time, unlike images/s, hardly depends on what else runs on the machine, so it compares two versions of
 the receive path on a busy machine. A fresh daemon (benchmarks/ingest.py's :class:`Edged`: empty model
 repository, fsync before every Success) receives ``--warmup`` images first (imports, first association,
-caches), then ``--count`` more, measured from ``/proc/<pid>/stat``; ``--repeat`` fresh daemons, the median
-is printed. ``--compare DIR`` alternates each run with one of the edged package in ``DIR`` (another
-checkout, put first on the daemon's PYTHONPATH), so that before and after see the same machine load.
-``--py-spy FILE`` also records the measured part with py-spy (``--native``, speedscope
+caches), then ``--count`` more, measured from ``/proc/<pid>/stat``; ``--repeat`` fresh daemons (each one's
+storage removed after it), the median is printed. ``--compare DIR`` alternates each run with one of the edged package in ``DIR`` (another
+checkout, put first on the daemon's PYTHONPATH; in ABBA order), so that before and after see the same
+machine load.
+``--py-spy FILE`` also records the measured part with py-spy (``--gil``: the Python work; speedscope
 format) when py-spy is installed.
 
 Run:  .venv/bin/python benchmarks/listener_cpu.py [--count 500] [--warmup 50] [--associations 1]
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import Edged, find_tools, running, send  # noqa: E402
+from ingest import Edged, Tools, find_tools, running, send  # noqa: E402
 
 from edged.synthetic import write_ct_series  # noqa: E402
 
@@ -45,7 +46,16 @@ def measure(root: Path, files: Sequence[Path], warmup: int, associations: int, p
     tools = find_tools()
     logdir = root / "logs"
     logdir.mkdir(exist_ok=True)
-    edged = Edged(Path(tempfile.mkdtemp(prefix="edged-", dir=root)))
+    workdir = Path(tempfile.mkdtemp(prefix="edged-", dir=root))
+    edged = Edged(workdir)
+    try:
+        return _measure(edged, tools, logdir, files, warmup, associations, profile)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure(edged: Edged, tools: Tools, logdir: Path, files: Sequence[Path], warmup: int, associations: int,
+             profile: Path | None) -> float:
     with running(edged):
         assert edged.proc is not None
         pid = edged.proc.pid
@@ -53,7 +63,7 @@ def measure(root: Path, files: Sequence[Path], warmup: int, associations: int, p
             send(tools, edged, files[:warmup], 1, logdir)
         spy: subprocess.Popen[bytes] | None = None
         if profile is not None:
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--native", "--threads",
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "--threads",
                                     "--rate", "250", "--format", "speedscope", "-o", str(profile), "-p", str(pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         c0 = process_cpu_seconds(pid)
@@ -95,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = os.environ.get("PYTHONPATH")
         try:
             for i in range(args.repeat):
-                for name, src in trees.items():
+                # ABBA: neither tree always runs first (the filesystem's state drifts from run to run).
+                for name, src in (list(trees.items()) if i % 2 == 0 else list(trees.items())[::-1]):
                     _set_pythonpath(src, saved)
                     ms = measure(root, files, args.warmup, args.associations,
                                  args.py_spy if i == args.repeat - 1 and src is None else None)
