@@ -20,9 +20,11 @@ the common message off that path and does it in the DUL's own thread:
 3. A temp file is opened in the spool's ``tmp/`` (same filesystem as ``instances/``) and the preamble
    and File Meta (from the command's UIDs and the context's transfer syntax, as the in-memory path
    writes them) go first; then each data-set fragment is read from the socket into one reusable buffer
-   (:data:`CHUNK` bytes) and written out. The guard's bound on the message (``max_message_bytes``) is
-   checked at each fragment's header, before its bytes are read. Writing stops (the rest is read and
-   dropped) on a write error, or when it would eat into ``storage.min_free_bytes``.
+   (:data:`CHUNK` bytes) and written out; every :data:`WRITEBACK` bytes, the kernel is asked to start
+   writing them to disk (:mod:`edged.spool.writeback`: a hint, the fsync below still decides). The
+   guard's bound on the message (``max_message_bytes``) is checked at each fragment's header, before
+   its bytes are read. Writing stops (the rest is read and dropped) on a write error, or when it would
+   eat into ``storage.min_free_bytes``.
 4. After the last fragment the sink (:meth:`edged.dicom.scp.StoreHandler.store_streamed`) reads the
    header (:func:`edged.dicom.header.read_header_at`: the data set's first :data:`HEAD` bytes, kept in
    memory as they were written, walked directly up to Pixel Data, or the file through pydicom where the
@@ -65,6 +67,7 @@ from edged.dicom.contexts import require_pynetdicom
 from edged.dicom.fastdimse import store_success_command
 from edged.dicom.filemeta import encode_file_meta
 from edged.dicom.guard import GuardedDUL
+from edged.spool.writeback import start_writeback
 
 TESTED = ("3.0.",)
 require_pynetdicom(__name__, TESTED, "check the internals its docstring lists")
@@ -73,6 +76,10 @@ log = logging.getLogger("edged.scp")
 
 #: Bytes read from the socket per write to the spool (one buffer per association, reused).
 CHUNK = 256 * 1024
+#: Each time this many more bytes are in the temp file, their writeback to disk is started
+#: (:func:`edged.spool.writeback.start_writeback`), so that the fsync after the last fragment has little
+#: left to wait for.
+WRITEBACK = 128 * 1024
 #: The first bytes of each data set are also kept in memory: when writing it failed (a full disk), its
 #: header is read from them, so that a duplicate still gets Success and a refusal its proper reason.
 HEAD = 64 * 1024
@@ -163,6 +170,7 @@ class Incoming:
     meta_len: int = 0
     size: int = 0  # bytes of the file as received: preamble + File Meta + data set
     written: int = 0  # of which on disk
+    written_back: int = 0  # of which writeback has been started (:data:`WRITEBACK`)
     #: Most bytes that may be written: the data set must leave ``min_free_bytes`` free, as the in-memory
     #: path checks before it writes (the preamble and File Meta are not counted, there as here).
     budget: int = 0
@@ -206,6 +214,10 @@ class Incoming:
                 self.written += k
         except OSError as exc:
             self.error = exc
+            return
+        if self.written - self.written_back >= WRITEBACK:
+            start_writeback(self.fd, self.written_back, self.written - self.written_back)
+            self.written_back = self.written
 
     def take(self) -> tuple[int, Path]:
         """The temp file's descriptor and path, now the caller's to place or remove."""
