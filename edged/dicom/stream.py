@@ -5,11 +5,13 @@ appends every fragment to a ``BytesIO`` until the last one, decodes the command 
 the message for the association's thread, which calls the C-STORE handler, which writes the bytes to
 the spool. Per image that is the data set held whole in memory, copied several times, and two thread
 hand-offs each paying a reactor's poll. With :func:`edged.dicom.guard` reading every PDU anyway,
-:class:`StreamingDUL` (the guarded DUL with one more override, :meth:`~GuardedDUL._stream_p_data`) takes
-the common message off that path and does it in the DUL's own thread:
+:class:`StreamingDUL` (the guarded DUL with :meth:`~GuardedDUL._stream_p_data` and its reader
+overridden) takes the common message off that path and does it in the DUL's own thread:
 
-1. In an established association (Sta6) it reads a P-DATA-TF item by item. A command set is collected
-   (it is small: bounded by the guard) until its last fragment.
+1. In an established association (Sta6) it reads a P-DATA-TF item by item; while a data set is being
+   streamed, PDU after PDU as they arrive, going back to the reactor only when it would have something
+   else to do or nothing is waiting. A command set is collected (it is small: bounded by the guard)
+   until its last fragment.
 2. The command is decoded directly (:func:`parse_store_command`). Only a plain C-STORE-RQ with a data
    set, on an accepted context whose abstract syntax is its Affected SOP Class and a storage class,
    with UIDs of digits and dots and a peer whose maximum PDU holds the one-PDV Success response, and
@@ -44,7 +46,9 @@ decode.
 Written against pynetdicom 3.0 (``TESTED``, checked at import): on an upgrade check that
 ``DIMSEServiceProvider.message`` is still the message being assembled, that ``_accepted_cx`` maps
 context IDs to accepted contexts, that ``ServiceClass.validate_status`` and ``uid_to_service_class``
-still exist, then run tests/unit/test_stream.py and tests/integration/test_receive_streamed.py.
+still exist, and that in Sta6 a turn of ``DULServiceProvider.run_reactor`` with nothing queued still only
+reads the next PDU once ``AssociationSocket.ready`` (what :meth:`StreamingDUL._next_pdu_waiting`
+mirrors), then run tests/unit/test_stream.py and tests/integration/test_receive_streamed.py.
 """
 
 from __future__ import annotations
@@ -249,6 +253,22 @@ class StreamingDUL(GuardedDUL):
         self._streams = None
         self._head = bytearray(6)
         self._chunk: memoryview | None = None
+
+    def _read_pdu_data(self) -> None:
+        """One PDU, as the guarded DUL reads it; then, while a data set is being streamed, the next ones
+        too, each as soon as it is waiting, without a turn of the reactor in between: that turn would find
+        nothing queued and the socket readable (:meth:`_next_pdu_waiting` checks just that), and read it."""
+        super()._read_pdu_data()
+        while self._msg is not None and self._next_pdu_waiting():
+            self._idle_timer.restart()  # as the reactor does after each transport event
+            super()._read_pdu_data()
+
+    def _next_pdu_waiting(self) -> bool:
+        """Whether the reactor's next turn would only read the next PDU: nothing for it to do (no event,
+        nothing from the association, not stopping, no timer expired) and data waiting on the socket
+        (pynetdicom's own check, which queues "connection closed" where the socket has failed)."""
+        return not (self._kill_thread or self._tripped or self.event_queue.qsize() or self.to_provider_queue.qsize()
+                    or self.artim_timer.expired) and self.socket is not None and self.socket.ready
 
     def _streaming(self) -> bool:
         """Whether this association streams (decided at its first P-DATA, when its handlers are bound)."""
