@@ -41,8 +41,9 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of stat)
 
 
-def measure(root: Path, files: Sequence[Path], warmup: int, associations: int, profile: Path | None) -> float:
-    """CPU milliseconds per image of one fresh daemon receiving ``files[warmup:]``."""
+def measure(root: Path, files: Sequence[Path], warmup: int, associations: int,
+            profile: Path | None) -> tuple[float, float]:
+    """CPU milliseconds per image of one fresh daemon receiving ``files[warmup:]``, and images/s."""
     tools = find_tools()
     logdir = root / "logs"
     logdir.mkdir(exist_ok=True)
@@ -55,7 +56,7 @@ def measure(root: Path, files: Sequence[Path], warmup: int, associations: int, p
 
 
 def _measure(edged: Edged, tools: Tools, logdir: Path, files: Sequence[Path], warmup: int, associations: int,
-             profile: Path | None) -> float:
+             profile: Path | None) -> tuple[float, float]:
     with running(edged):
         assert edged.proc is not None
         pid = edged.proc.pid
@@ -67,12 +68,13 @@ def _measure(edged: Edged, tools: Tools, logdir: Path, files: Sequence[Path], wa
                                     "--rate", "250", "--format", "speedscope", "-o", str(profile), "-p", str(pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         c0 = process_cpu_seconds(pid)
-        send(tools, edged, files[warmup:], associations, logdir)
+        seconds = send(tools, edged, files[warmup:], associations, logdir)
         c1 = process_cpu_seconds(pid)
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
             spy.wait(timeout=60)
-    return (c1 - c0) * 1000 / (len(files) - warmup)
+    count = len(files) - warmup
+    return (c1 - c0) * 1000 / count, count / seconds
 
 
 def _set_pythonpath(first: str | None, saved: str | None) -> None:
@@ -102,22 +104,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare is not None:
             trees[str(args.compare)] = str(args.compare.resolve())
         per_image: dict[str, list[float]] = {name: [] for name in trees}
+        rates: dict[str, list[float]] = {name: [] for name in trees}
         saved = os.environ.get("PYTHONPATH")
         try:
             for i in range(args.repeat):
                 # ABBA: neither tree always runs first (the filesystem's state drifts from run to run).
                 for name, src in (list(trees.items()) if i % 2 == 0 else list(trees.items())[::-1]):
                     _set_pythonpath(src, saved)
-                    ms = measure(root, files, args.warmup, args.associations,
+                    ms, rate = measure(root, files, args.warmup, args.associations,
                                  args.py_spy if i == args.repeat - 1 and src is None else None)
                     per_image[name].append(ms)
-                    print(f"  run {i + 1} ({name}): {ms:.2f} ms CPU per image", flush=True)
+                    rates[name].append(rate)
+                    print(f"  run {i + 1} ({name}): {ms:.2f} ms CPU per image, {rate:.1f} images/s", flush=True)
         finally:
             _set_pythonpath(None, saved)
         for name, values in per_image.items():
             print(f"edged listener ({name}), {args.associations} association(s), {args.count} images of "
-                  f"{files[-1].stat().st_size / 1e3:.0f} KB: median {statistics.median(values):.2f} ms CPU per image "
-                  f"({os.cpu_count()} CPU cores; every thread of the daemon, user + system)")
+                  f"{files[-1].stat().st_size / 1e3:.0f} KB: median {statistics.median(values):.2f} ms CPU per image, "
+                  f"{statistics.median(rates[name]):.1f} images/s ({os.cpu_count()} CPU cores; every thread of the daemon, user + system)")
     finally:
         if args.keep:
             print(f"kept {root}")
