@@ -22,11 +22,11 @@ overridden) takes the common message off that path and does it in the DUL's own 
 3. A temp file is opened in the spool's ``tmp/`` (same filesystem as ``instances/``) and the preamble
    and File Meta (from the command's UIDs and the context's transfer syntax, as the in-memory path
    writes them) go first; then each data-set fragment is read from the socket into one reusable buffer
-   (:data:`CHUNK` bytes) and written out; every :data:`WRITEBACK` bytes, the kernel is asked to start
-   writing them to disk (:mod:`edged.spool.writeback`: a hint, the fsync below still decides). The
-   guard's bound on the message (``max_message_bytes``) is checked at each fragment's header, before
-   its bytes are read. Writing stops (the rest is read and dropped) on a write error, or when it would
-   eat into ``storage.min_free_bytes``.
+   (:data:`CHUNK` bytes) and written out; every :data:`WRITEBACK` bytes, while it is the only data set
+   being written, the kernel is asked to start writing them to disk (:mod:`edged.spool.writeback`: a
+   hint, the fsync below still decides). The guard's bound on the message (``max_message_bytes``) is
+   checked at each fragment's header, before its bytes are read. Writing stops (the rest is read and
+   dropped) on a write error, or when it would eat into ``storage.min_free_bytes``.
 4. After the last fragment the sink (:meth:`edged.dicom.scp.StoreHandler.store_streamed`) reads the
    header (:func:`edged.dicom.header.read_header_at`: the data set's first :data:`HEAD` bytes, kept in
    memory as they were written, walked directly up to Pixel Data, or the file through pydicom where the
@@ -57,6 +57,7 @@ import logging
 import os
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,10 @@ log = logging.getLogger("edged.scp")
 CHUNK = 256 * 1024
 #: Each time this many more bytes are in the temp file, their writeback to disk is started
 #: (:func:`edged.spool.writeback.start_writeback`), so that the fsync after the last fragment has little
-#: left to wait for. Measured on ext4 with 513 KB slices: the fsync's wait ~2.7 -> ~1.7 ms, for ~0.25 ms
-#: more CPU per slice (more, smaller writebacks); every 256 KiB: ~0.55 ms less wait for ~0.15 ms more CPU.
+#: left to wait for; only while no other data set is being written (:data:`IN_FLIGHT`). Measured on ext4
+#: with 513 KB slices: the fsync's wait ~2.7 -> ~1.7 ms, for ~0.25 ms more CPU per slice (more, smaller
+#: writebacks). A sender waiting alone gains ~1 ms per image; with several associations at once their
+#: waits overlap anyway, and the CPU is what they run short of.
 WRITEBACK = 128 * 1024
 #: The first bytes of each data set are also kept in memory: when writing it failed (a full disk), its
 #: header is read from them, so that a duplicate still gets Success and a refusal its proper reason.
@@ -159,6 +162,21 @@ class StreamSink(Protocol):
     def on_store(self, event: Any) -> Any: ...  # the C-STORE handler the listener binds
 
 
+class _InFlight:
+    """How many data sets are being written to spool temp files at this moment (every association)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.count += n
+
+
+IN_FLIGHT = _InFlight()
+
+
 @dataclass(eq=False)
 class Incoming:
     """One data set being written to a temp file as it arrives."""
@@ -193,6 +211,7 @@ class Incoming:
         try:
             self.budget = self.spool.free_bytes() - min_free_bytes + len(meta)
             self.fd, self.tmp = self.spool.open_temp()
+            IN_FLIGHT.add(1)
         except OSError as exc:
             self.error = exc
         self.meta_len = len(meta)
@@ -220,13 +239,15 @@ class Incoming:
         except OSError as exc:
             self.error = exc
             return
-        if self.written - self.written_back >= WRITEBACK:
+        if self.written - self.written_back >= WRITEBACK and IN_FLIGHT.count <= 1:
             start_writeback(self.fd, self.written_back, self.written - self.written_back)
             self.written_back = self.written
 
     def take(self) -> tuple[int, Path]:
         """The temp file's descriptor and path, now the caller's to place or remove."""
         fd, self.fd = self.fd, -1
+        if fd >= 0:
+            IN_FLIGHT.add(-1)
         assert self.tmp is not None
         return fd, self.tmp
 
@@ -234,6 +255,7 @@ class Incoming:
         """Close and remove the temp file, if it is still this object's."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            IN_FLIGHT.add(-1)
             assert self.tmp is not None
             self.spool.abandon(fd, self.tmp)
 

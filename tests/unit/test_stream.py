@@ -101,7 +101,8 @@ def test_a_data_set_is_written_with_its_head_kept_and_abandoned_without_a_trace(
 
 def test_writeback_is_started_behind_the_writes_and_never_past_them(tmp_path: Path, monkeypatch) -> None:
     """Every WRITEBACK bytes written, the kernel is asked to start writing them out: ranges in order,
-    none past what was written, none after a failed write (the fsync before Success decides anyway)."""
+    none past what was written, none after a failed write (the fsync before Success decides anyway), and
+    only while no other data set is being written."""
     from edged.dicom import stream
 
     started: list[tuple[int, int]] = []
@@ -119,11 +120,26 @@ def test_writeback_is_started_behind_the_writes_and_never_past_them(tmp_path: Pa
     inc.abandon()
 
     started.clear()
+    other = incoming(spool)  # another data set arriving meanwhile: no writeback for either
+    inc = incoming(spool)
+    for i in range(0, len(data), 50000):
+        inc.write(memoryview(data)[i:i + 50000])
+        other.write(memoryview(data)[i:i + 50000])
+    assert started == []
+    other.abandon()
+    inc.write(memoryview(data)[:stream.WRITEBACK])  # alone again
+    assert started == [(0, inc.written)]
+    fd, tmp = inc.take()
+    spool.abandon(fd, tmp)
+    assert stream.IN_FLIGHT.count == 0
+
+    started.clear()
     inc = incoming(spool, min_free=spool.free_bytes() - 1000)  # the second write goes over the reserve
     inc.write(memoryview(b"x" * 999))
     inc.write(memoryview(b"x" * (2 * stream.WRITEBACK)))
     assert inc.failed and started == []
     inc.abandon()
+    assert stream.IN_FLIGHT.count == 0
 
 
 def test_starting_writeback_is_only_a_hint(tmp_path: Path) -> None:
