@@ -153,9 +153,11 @@ def read_header(stream: bytes | memoryview, transfer_syntax: str) -> Header:
     return _read_buffer(stream, len(stream), ts, complete=True)
 
 
-def read_header_at(fd: int, start: int, end: int, transfer_syntax: str) -> Header:
+def read_header_at(fd: int, start: int, end: int, transfer_syntax: str, *,
+                   head: bytes | bytearray | None = None) -> Header:
     """Like :func:`read_header`, for a data set that is bytes ``start:end`` of the open file ``fd`` (a
-    spooled data set after its File Meta). Only the header is read: its first 64 KiB (``pread``), and
+    spooled data set after its File Meta). Only the header is read: its first 64 KiB (``pread``, or
+    ``head`` where the caller still holds at least that much of the data set's start, as written), and
     where the direct walker (:func:`_fast`) gives up, through a 64 KiB buffer, whatever the data set's
     size; a deflated one is inflated from an ``mmap`` of the file, at most as far as :func:`read_header`
     would. The file's offset may be moved."""
@@ -165,7 +167,12 @@ def read_header_at(fd: int, start: int, end: int, transfer_syntax: str) -> Heade
             with whole[start:end] as view:
                 return _read_deflated(view, ts)
     if ts.is_transfer_syntax:
-        header = _fast(os.pread(fd, min(max(end - start, 0), _HEADER_BUFFER), start), end - start, ts, False)
+        first = min(max(end - start, 0), _HEADER_BUFFER)
+        if head is not None and len(head) >= first:
+            with memoryview(head) as view, view[:first] as buf:
+                header = _fast(buf, end - start, ts, False)
+        else:
+            header = _fast(os.pread(fd, first, start), end - start, ts, False)
         if header is not None:
             return header
     with open(fd, "rb", buffering=_HEADER_BUFFER, closefd=False) as fp:  # seeks past the end as BytesIO does

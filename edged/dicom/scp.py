@@ -359,7 +359,7 @@ class StoreHandler:
             if inc.failed:  # only the head is known for sure
                 return read_header_head(bytes(inc.head), inc.size - inc.meta_len, inc.transfer_syntax)
             try:
-                return read_header_at(inc.fd, inc.meta_len, inc.written, inc.transfer_syntax)
+                return read_header_at(inc.fd, inc.meta_len, inc.written, inc.transfer_syntax, head=inc.head)
             except (OSError, ValueError):
                 raise HeaderError("spooled dataset could not be read") from None
 

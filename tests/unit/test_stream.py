@@ -99,6 +99,67 @@ def test_a_data_set_is_written_with_its_head_kept_and_abandoned_without_a_trace(
     inc.abandon()  # twice is harmless
 
 
+def test_writeback_is_started_behind_the_writes_and_never_past_them(tmp_path: Path, monkeypatch) -> None:
+    """Every WRITEBACK bytes written, the kernel is asked to start writing them out: ranges in order,
+    none past what was written, none after a failed write (the fsync before Success decides anyway), and
+    only while no other data set is being written."""
+    from edged.dicom import stream
+
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(stream, "start_writeback", lambda fd, offset, length: started.append((offset, length)))
+    spool = Spool(tmp_path)
+    inc = incoming(spool)
+    data = os.urandom(5 * stream.WRITEBACK + 1234)
+    for i in range(0, len(data), 50000):
+        inc.write(memoryview(data)[i:i + 50000])
+        assert sum(length for _, length in started) <= inc.written
+    assert started and all(length >= stream.WRITEBACK for _, length in started)
+    assert [offset for offset, _ in started] == [sum(n for _, n in started[:k]) for k in range(len(started))]
+    assert inc.written - sum(length for _, length in started) < stream.WRITEBACK
+    assert inc.tmp is not None and inc.tmp.read_bytes() == b"M" * 200 + data
+    inc.abandon()
+
+    started.clear()
+    other = incoming(spool)  # another data set arriving meanwhile: no writeback for either
+    inc = incoming(spool)
+    for i in range(0, len(data), 50000):
+        inc.write(memoryview(data)[i:i + 50000])
+        other.write(memoryview(data)[i:i + 50000])
+    assert started == []
+    other.abandon()
+    inc.write(memoryview(data)[:stream.WRITEBACK])  # alone again
+    assert started == [(0, inc.written)]
+    fd, tmp = inc.take()
+    spool.abandon(fd, tmp)
+    assert stream.IN_FLIGHT.count == 0
+
+    started.clear()
+    inc = incoming(spool, min_free=spool.free_bytes() - 1000)  # the second write goes over the reserve
+    inc.write(memoryview(b"x" * 999))
+    inc.write(memoryview(b"x" * (2 * stream.WRITEBACK)))
+    assert inc.failed and started == []
+    inc.abandon()
+    assert stream.IN_FLIGHT.count == 0
+
+
+def test_starting_writeback_is_only_a_hint(tmp_path: Path) -> None:
+    """A file's bytes are unchanged by it, and a descriptor it cannot use is no error."""
+    from edged.spool.writeback import start_writeback
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"abc" * 100000)
+        start_writeback(fd, 0, 300000)
+        start_writeback(fd, 100, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    start_writeback(fd, 0, 10)  # closed
+    start_writeback(-1, 0, 10)
+    assert path.read_bytes() == b"abc" * 100000
+
+
 def test_writing_stops_where_the_free_space_reserve_begins(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     inc = incoming(spool, min_free=spool.free_bytes() - 1000)  # room for 1,000 bytes of data set

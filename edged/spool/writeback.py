@@ -1,0 +1,49 @@
+"""Early writeback: ask the kernel to start writing a file's new bytes to disk while more are arriving.
+
+A streamed data set (:mod:`edged.dicom.stream`) reaches the spool over a few milliseconds; its ``fsync``
+comes after the last fragment and, with nothing written out yet, waits for the whole file to go to
+disk, while the sender waits for its response. :func:`start_writeback` is Linux's
+``sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)``: it starts writeback of those pages and
+returns without waiting, so that by the time of the ``fsync`` most of the file is on its way or there.
+
+It guarantees nothing and changes no guarantee: the ``fsync`` before the acknowledgement still runs and
+still reports any write error (a ``SYNC_FILE_RANGE_WRITE`` does not consume the file's writeback error
+state, which ``fsync`` reads), so the call's own result is ignored. Where the call does not exist
+(another OS, a libc without it) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from typing import Callable
+
+#: ``SYNC_FILE_RANGE_WRITE`` from <linux/fs.h>: start writeback of dirty pages in the range, do not wait.
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_sync_file_range = _load()
+
+#: Whether :func:`start_writeback` does anything here.
+AVAILABLE = _sync_file_range is not None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing bytes ``offset:offset + length`` of ``fd`` to disk, without waiting (a hint: see the
+    module's docstring)."""
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
