@@ -62,8 +62,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgedProcess]:
     previous ones left behind."""
     work = tmp_path_factory.mktemp("abuse")
     (work / "no-engines").mkdir()
+    # acse_timeout well above network_timeout: a connection that sent half of its first PDU is then always
+    # cut off by the PDU deadline (counted as slow_pdu), never first by the wait for its A-ASSOCIATE-RQ.
     edged = EdgedProcess(work, dicom={"max_associations": 4, "max_message_bytes": MESSAGE_LIMIT,
-                                      "network_timeout": 5.0, "acse_timeout": 5.0},
+                                      "network_timeout": 5.0, "acse_timeout": 20.0},
                          engines={"dir": str(work / "no-engines")})
     try:
         yield edged.start()
