@@ -28,17 +28,10 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import proc_cpu_seconds  # noqa: E402
 from ingest import Edged, Tools, find_tools, running, send  # noqa: E402
 
 from edged.synthetic import write_ct_series  # noqa: E402
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of stat)
 
 
 def measure(root: Path, files: Sequence[Path], warmup: int, associations: int,
@@ -67,9 +60,9 @@ def _measure(edged: Edged, tools: Tools, logdir: Path, files: Sequence[Path], wa
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "--threads",
                                     "--rate", "250", "--format", "speedscope", "-o", str(profile), "-p", str(pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        c0 = process_cpu_seconds(pid)
+        c0 = proc_cpu_seconds(pid)
         seconds = send(tools, edged, files[warmup:], associations, logdir)
-        c1 = process_cpu_seconds(pid)
+        c1 = proc_cpu_seconds(pid)
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
             spy.wait(timeout=60)
