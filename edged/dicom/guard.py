@@ -38,7 +38,8 @@ Limits:
   whether the PDV item headers count); with no announced maximum (0), the message limit plus slack.
 * One DIMSE data set assembled from fragments: ``dicom.max_message_bytes``; one command set:
   :data:`MAX_COMMAND_BYTES`.
-* One PDU, from its first byte to its last: ``dicom.network_timeout`` seconds.
+* One PDU, from its first byte to its last: ``dicom.network_timeout`` seconds (counted as ``slow_pdu``);
+  pynetdicom's idle timer (the same timeout between PDUs) is stopped meanwhile.
 * A-ASSOCIATE-AC/RJ (never sent to an acceptor), a second A-ASSOCIATE-RQ, anything but an
   A-ASSOCIATE-RQ first, and unknown PDU types: aborted at the header; a PDU pynetdicom cannot decode
   (an all-space AE title, say): aborted as pynetdicom would, and counted.
@@ -390,6 +391,11 @@ class GuardedDUL(DULServiceProvider):
             return
         limits = self._guard.limits
         deadline = time.monotonic() + limits.pdu_seconds
+        # A PDU has begun: its deadline, not pynetdicom's idle timer (network_timeout since the last
+        # complete PDU, which ran before this one began and so would expire first), bounds it from here;
+        # the reactor restarts the idle timer once it is read. Otherwise the association thread aborts
+        # a stalled PDU as "idle" just before its deadline, and the violation goes uncounted.
+        self._idle_timer.stop()
         try:
             head = bytearray(6)
             self._recv_into(memoryview(head), deadline)

@@ -274,14 +274,20 @@ def test_silent_plain_clients_take_no_association_slot(target: EdgedProcess, sma
 def test_half_sent_pdu_is_dropped_after_the_network_timeout(target: EdgedProcess,
                                                             small_images: list[Path]) -> None:
     """A peer that sends part of a PDU and stops (stock pynetdicom waits on it forever) is cut off after
-    dicom.network_timeout (5 s here), and meanwhile honest senders are served."""
+    dicom.network_timeout (5 s here) and counted as a slow PDU, and meanwhile honest senders are served.
+
+    The peers stay quiet for a while before they start their PDU: the idle timer (network_timeout since
+    the last complete PDU) must not cut off, uncounted, a PDU whose own deadline has not yet passed. A
+    peer that says nothing at all is still cut off by that idle timer, and is not a protocol violation."""
     violations = metric(target, "edged_protocol_violations_total", reason="slow_pdu")
     with HonestSender(target, small_images) as honest:
         t0 = time.monotonic()
-        slow = [_established(target.port) for _ in range(2)] + [R.connect(target.port)]
+        slow = [_established(target.port), R.connect(target.port)]  # with the silent peer: 3 of 4 slots
+        silent = _established(target.port)
+        time.sleep(1.5)
         for s in slow:
             s.sendall(R.header(R.P_DATA_TF, 1000)[:3] if s is slow[-1] else R.header(R.P_DATA_TF, 1000) + b"\x00")
-        for s in slow:
+        for s in slow + [silent]:
             closed_or_aborted(s)
             s.close()
         window = (t0, time.monotonic())
