@@ -10,8 +10,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edged.synthetic import chest_phantom, ct_slice
 
@@ -97,7 +98,7 @@ class EdgedProcess:
         self.http_port = 0
         self.starts = 0
 
-    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> "EdgedProcess":
+    def start(self, timeout: float = 120.0, env: dict[str, str] | None = None) -> "EdgedProcess":
         self.starts += 1
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -162,8 +163,10 @@ def run(cmd: list[str], timeout: float = 120.0, **kw: Any) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", dcmtk_env()), **kw)
 
 
-#: Pipeline settings for tests: series complete after 1 s of quiet; quick retries.
-PIPELINE = {"series_quiet_seconds": 1.0, "max_attempts": 2, "retry_seconds": 0.2, "poll_seconds": 0.1}
+#: Pipeline settings for tests: series complete after 5 s of quiet (on a loaded 2-core machine one
+#: storescu can pause over a second between two slices, which would complete a series early and open a
+#: second generation of it); quick retries.
+PIPELINE = {"series_quiet_seconds": 5.0, "max_attempts": 2, "retry_seconds": 0.2, "poll_seconds": 0.1}
 
 
 def write_series(folder: Path, count: int, seed: int = 0, series: str = "1") -> list[Path]:
@@ -207,3 +210,21 @@ def storescu(edged: EdgedProcess, files: list[Path], *options: str) -> None:
     assert res.returncode == 0, res.stderr
 
 
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Wait until ``predicate()`` holds. For what the daemon records just *after* the peer got its answer:
+    pynetdicom sends the A-RELEASE-RP or A-ASSOCIATE-RJ before it fires the event whose handler logs and
+    counts it, so a check made the moment the peer returns can come too early."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
+def metric(edged: EdgedProcess, name: str, **labels: str) -> float:
+    """One sample from the daemon's /metrics (0 when that label set has not been seen yet)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{edged.http_port}/metrics", timeout=10).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0

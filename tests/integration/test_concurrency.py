@@ -5,30 +5,21 @@ that their associations really overlap): every acknowledged image stored and ide
 
 from __future__ import annotations
 
-import re
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from support import EdgedProcess, dcmtk_env, require_tool
+from support import EdgedProcess, dcmtk_env, eventually, metric, require_tool
 
 from edged.dicom import requestor
 from edged.synthetic import write_ct_series
 
 IMAGES_PER_SENDER = 3
-
-
-def metric(edged: EdgedProcess, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{edged.http_port}/metrics", timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def sender_ae() -> AE:
@@ -106,7 +97,7 @@ def test_100_concurrent_associations_all_stored(edged_factory, tmp_path: Path) -
     print(f"100 concurrent storescu: {n} tried, {n - len(failed)} survived, 0 lost; "
           f"images acknowledged {len(everything)}; most at once {peak_associations(edged)}")
     assert_stored_identical(edged, everything)
-    assert metric(edged, "edged_associations_total", result="accepted") == n
+    eventually(lambda: metric(edged, "edged_associations_total", result="accepted") == n, what="accepted == n")
 
 
 def peak_associations(edged: EdgedProcess) -> int:
@@ -179,7 +170,8 @@ def test_beyond_max_associations_transient_rejection_then_retry(edged_factory, t
           f"{len(rejected)} rejected first; tries {sum(tries)}; images acknowledged {len(everything)}")
     assert len(everything) == n * IMAGES_PER_SENDER
     assert_stored_identical(edged, everything)
-    assert metric(edged, "edged_associations_total", result="rejected:busy") == sum(tries) - n
+    eventually(lambda: metric(edged, "edged_associations_total", result="rejected:busy") == sum(tries) - n,
+               what="every busy rejection counted")
     assert metric(edged, "edged_associations_total", result="rejected:other") == 0
 
 
@@ -194,5 +186,5 @@ def test_busy_wins_over_a_wrong_called_ae_and_is_labelled_as_sent(edged_factory,
         assert assoc.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)
     finally:
         held.release()
-    assert metric(edged, "edged_associations_total", result="rejected:busy") == 1
+    eventually(lambda: metric(edged, "edged_associations_total", result="rejected:busy") == 1, what="busy counted")
     assert metric(edged, "edged_associations_total", result="rejected:called_ae") == 0

@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import random
-import threading
 import time
 from pathlib import Path
 
 import pydicom
+from faults import Pusher
 from support import EdgedProcess
 
 from edged.dicom import scu
-from edged.errors import DicomNetworkError
-
-
-class Pusher(threading.Thread):
-    """Sends files until done or the connection dies; remembers what was acknowledged with Success."""
-
-    def __init__(self, port: int, files: list[Path]) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.files = files
-        self.acked: list[Path] = []
-
-    def run(self) -> None:
-        try:
-            for path, outcome in scu.send_iter(self.files, "127.0.0.1", self.port, aec="EDGED", timeout=3):
-                if outcome == "0x0000":
-                    self.acked.append(path)
-        except (DicomNetworkError, OSError, RuntimeError):
-            pass  # the daemon was killed under us
 
 
 def assert_consistent(edged: EdgedProcess, acked: list[Path]) -> None:
@@ -51,7 +32,7 @@ def test_kill9_during_push_loses_nothing_acknowledged(edged_factory, ct_series: 
     acked_total: set[Path] = set()
     for round_ in range(3):
         # Each round pushes new files (and re-sends the previous round's), killed mid-push.
-        pusher = Pusher(edged.port, ct_series[: 60 * (round_ + 1)])
+        pusher = Pusher(edged.port, [ct_series[: 60 * (round_ + 1)]])
         pusher.start()
         kill_after = len(acked_total) + rng.randrange(5, 40)
         deadline = time.monotonic() + 60

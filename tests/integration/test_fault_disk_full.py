@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
 from faults import dataset_bytes, phantom_pool, write_small_series
 from smallfs import SmallFs, free_bytes, rerun_unprivileged, write_ballast
-from support import EdgedProcess, require_tool, run
+from support import EdgedProcess, eventually, metric, require_tool, run
 
 from edged.dicom import scu
 from edged.errors import JournalError
@@ -64,6 +63,12 @@ def assert_kept(edged: EdgedProcess, acked: list[Path]) -> None:
     assert len(rows) == len(acked)
     assert edged.temp_files() == []
     assert {p.relative_to(edged.storage).as_posix() for p in edged.spool_files()} == {r["path"] for r in rows.values()}
+
+
+def audit_closed(storage: Path) -> int:
+    """Associations the audit log has closed (whole lines only)."""
+    lines = (storage / "audit.jsonl").read_text().split("\n")[:-1]
+    return sum(json.loads(line)["event"] == "association.closed" for line in lines)
 
 
 def assert_serving(edged: EdgedProcess) -> None:
@@ -125,7 +130,9 @@ def test_enospc_on_write_is_a_failure_not_success_and_recovers(edged_factory, tm
         # Room for the data set but not for the whole file: the check passes, the write hits ENOSPC.
         straddler, pages = straddling_file(files[0], tmp_path / "straddler.dcm")
         ballast.unlink()
-        time.sleep(1.0)  # let the last association's audit line land before measuring
+        # The last association's audit line is written just after its release: let it land before measuring.
+        eventually(lambda: audit_closed(storage) >= metric(edged, "edged_associations_total", result="accepted"),
+                   what="an audit record for every association")
         write_ballast(ballast, free_bytes(storage) - pages * PAGE)
         assert free_bytes(storage) == pages * PAGE
         assert send(edged, [straddler]) == ["0xA700"]

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import struct
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import rawpdu as R
 import rawscu
 from pydicom.data import get_testdata_files
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from support import EdgedProcess, require_tool, run
+from support import EdgedProcess, eventually, require_tool, run
 
 from edged.dicom import status
 from edged.dicom.filemeta import encode_file_meta
@@ -49,13 +48,6 @@ def assert_stored_exactly(edged: EdgedProcess, sop_class: str, uid: str, ts: str
     stored = (edged.storage / rows[uid]["path"]).read_bytes()
     assert stored == encode_file_meta(sop_class, uid, ts) + data
     assert rows[uid]["size_bytes"] == len(stored)
-
-
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +227,7 @@ def test_refusals_are_answered_on_the_streamed_path(edged: EdgedProcess, slices:
     release(sock)
     assert [r["sop_instance_uid"] for r in edged.rows()] == [uid]
     assert edged.temp_files() == [] and len(edged.spool_files()) == 1
-    assert "stored=1 duplicates=1 failed=3" in edged.log_text()
+    eventually(lambda: "stored=1 duplicates=1 failed=3" in edged.log_text(), what="the association's summary line")
 
 
 @pytest.mark.parametrize("ending", ["abort", "close", "release"])
@@ -244,14 +236,14 @@ def test_a_data_set_cut_off_leaves_no_temp_file_and_no_row(edged: EdgedProcess, 
     sock = raw_assoc(edged)
     uid, data = slice_data(slices[4])
     sock.sendall(R.p_data(R.pdv(1, R.COMMAND | R.LAST, R.store_rq(uid, 1)), R.pdv(1, 0, data[:5000])))
-    wait_for(lambda: len(edged.temp_files()) == 1)  # being written as it arrives
+    eventually(lambda: len(edged.temp_files()) == 1)  # being written as it arrives
     if ending == "abort":
         sock.sendall(R.abort())
     elif ending == "release":
         sock.sendall(R.release_rq())
         R.read_pdu(sock)
     sock.close()
-    wait_for(lambda: edged.temp_files() == [])
+    eventually(lambda: edged.temp_files() == [])
     assert edged.rows() == [] and edged.spool_files() == []
     res = run([require_tool("storescu"), "-aec", "EDGED", "127.0.0.1", str(edged.port), str(slices[4])])
     assert res.returncode == 0, res.stderr
@@ -275,7 +267,7 @@ def test_a_data_set_over_the_message_limit_is_aborted_mid_stream(edged_factory, 
     sock.close()
     assert answers[0].pdu_type == R.ABORT, [a.name for a in answers]
     assert "reason=message_too_long" in edged.log_text()
-    wait_for(lambda: edged.temp_files() == [])
+    eventually(lambda: edged.temp_files() == [])
     assert edged.rows() == [] and edged.spool_files() == []
     res = run([require_tool("storescu"), "-aec", "EDGED", "127.0.0.1", str(edged.port), str(slices[5])])
     assert res.returncode == 0, res.stderr

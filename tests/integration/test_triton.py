@@ -31,10 +31,6 @@ pytestmark = pytest.mark.triton
 
 REPO = Path(__file__).resolve().parents[2]
 MISMATCHED = "ct-nodule-cls-pixels"
-#: A series is complete after 5 s of quiet: on a loaded 2-core machine one storescu can pause longer than 1 s.
-QUIET = {**PIPELINE, "series_quiet_seconds": 5.0}
-
-
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     server = TritonServer(tmp_path_factory.mktemp("triton"), ["ct-nodule-cls", "lesion-seg"],
@@ -48,7 +44,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
 def _triton_edged(edged_factory, triton: TritonServer, name: str = "edged", protocol: str = "grpc",
                   extra: str = "") -> EdgedProcess:
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
-    proc = edged_factory(name, pipeline=QUIET, engines={"backend": "triton"},
+    proc = edged_factory(name, pipeline=PIPELINE, engines={"backend": "triton"},
                          triton={"url": url, "protocol": protocol, "request_timeout": 20.0, "max_in_flight": 2,
                                  "retry_max_seconds": 1.0})
     if extra:
@@ -85,7 +81,7 @@ def test_findings_through_triton_equal_local_onnxruntime(edged_factory, triton: 
     protocol = "grpc"
     files = write_series(tmp_path / "ct", 10, seed=21)
     remote = _triton_edged(edged_factory, triton, f"triton-{protocol}", protocol).start()
-    local = edged_factory(f"local-{protocol}", pipeline=QUIET, engines={"backend": "onnxruntime"}).start()
+    local = edged_factory(f"local-{protocol}", pipeline=PIPELINE, engines={"backend": "onnxruntime"}).start()
     assert "backend=triton" in remote.log_text() and "backend=onnxruntime" in local.log_text()
     storescu(remote, files)
     storescu(local, files)
