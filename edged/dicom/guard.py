@@ -77,7 +77,7 @@ from pynetdicom.utils import make_target
 
 from edged import logs
 from edged.dicom.contexts import require_pynetdicom
-from edged.dicom.negotiation import RequestMemo
+from edged.dicom.negotiation import AcceptMemo, RequestMemo
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.association import Association
@@ -142,6 +142,8 @@ class Guard:
         self.stream = stream
         #: A-ASSOCIATE-RQs this listener has decoded (:mod:`edged.dicom.negotiation`).
         self.requests = RequestMemo()
+        #: A-ASSOCIATE-ACs this listener has encoded (:mod:`edged.dicom.negotiation`).
+        self.accepts = AcceptMemo()
 
     def install(self, assoc: "Association") -> None:
         """Make ``assoc``'s (not yet started) DUL a :class:`GuardedDUL` (a streaming one when ``stream``

@@ -17,6 +17,12 @@ would have built:
   memo) it maps the proposed contexts and SCP/SCU roles to the negotiated result. Any other caller gets
   pynetdicom's function unchanged.
 
+* :class:`AcceptMemo` (one per listener, on the same ``Guard``): the content of an A-ASSOCIATE (accept)
+  primitive to the bytes of its A-ASSOCIATE-AC PDU. Building that PDU from the primitive validates every
+  UID of every result context and encoding it walks them again (~3 ms for storescu's 128); the same
+  request negotiated the same way gives the same answer. :func:`install` puts :func:`send_accept` in
+  pynetdicom's state machine as action AE-7 for DULs with a guard; any other DUL gets pynetdicom's AE-7.
+
 Every association gets its own objects: the primitive, its presentation contexts and user information
 items, and the negotiated contexts and role items are copied from the remembered ones (microseconds
 each); nothing a handler or pynetdicom might change is shared. The decoded PDU itself is shared, as
@@ -31,12 +37,15 @@ both memos with pynetdicom's own results, and the storescu tests run through the
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections import OrderedDict
 from typing import Any, Generic, TypeVar
 
 import pynetdicom.acse
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+import pynetdicom.fsm
+from pynetdicom import evt
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.presentation import negotiate_as_acceptor as _pynetdicom_negotiate
@@ -44,11 +53,14 @@ from pynetdicom.presentation import negotiate_as_acceptor as _pynetdicom_negotia
 from edged.dicom.contexts import SharedContexts, require_pynetdicom
 
 TESTED = ("3.0.",)
-require_pynetdicom(__name__, TESTED, "check that A_ASSOCIATE, PresentationContext and negotiate_as_acceptor "
-                                     "keep their fields and signature (tests/unit/test_negotiation.py)")
+require_pynetdicom(__name__, TESTED, "check that A_ASSOCIATE, PresentationContext, negotiate_as_acceptor and "
+                                     "the state machine's AE-7 keep their fields and signature "
+                                     "(tests/unit/test_negotiation.py)")
 
 #: Entries each memo keeps (a modality usually sends one request; a few senders, a few each).
 MEMO_SIZE = 32
+
+log = logging.getLogger("edged.scp")
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -169,6 +181,76 @@ def negotiate_as_acceptor(rq_contexts: list[PresentationContext], ac_contexts: l
     return [copy_context(cx) for cx in contexts], [copy.deepcopy(item) for item in reply_roles]
 
 
+# -- the answer ------------------------------------------------------------------------------------
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` as a hashable key part (lists and dicts as tuples); raises TypeError where it can't be."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    hash(value)
+    return value
+
+
+def _accept_key(primitive: A_ASSOCIATE) -> tuple[Any, ...]:
+    """Everything ``A_ASSOCIATE_AC.from_primitive`` reads: the AE titles it echoes, the application context,
+    each result context's ID, result and (first) transfer syntax, and every user information item whole."""
+    results = tuple((cx.context_id, cx.result, tuple(cx.transfer_syntax[:1]))
+                    for cx in primitive.presentation_context_definition_results_list)
+    items = tuple((type(item), _frozen(vars(item))) for item in primitive.user_information)
+    return (primitive.called_ae_title, primitive.calling_ae_title, primitive.application_context_name,
+            results, items)
+
+
+class AcceptMemo:
+    """A-ASSOCIATE (accept) primitives to the A-ASSOCIATE-AC PDU's bytes (see the module)."""
+
+    def __init__(self, size: int = MEMO_SIZE) -> None:
+        self._memo: _LRU[tuple[Any, ...], bytes] = _LRU(size)
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def encode(self, primitive: A_ASSOCIATE) -> bytes:
+        """The A-ASSOCIATE-AC PDU for ``primitive``, encoded; raises what pynetdicom's building raises."""
+        try:
+            key: tuple[Any, ...] | None = _accept_key(primitive)
+        except TypeError:  # an item holding something unhashable: built afresh, never remembered
+            key = None
+        data = self._memo.get(key) if key is not None else None
+        if data is None:
+            data = bytes(A_ASSOCIATE_AC(primitive).encode())
+            if key is not None:
+                self._memo.put(key, data)
+        return data
+
+
+_pynetdicom_ae_7 = pynetdicom.fsm.AE_7
+
+
+def send_accept(dul: Any) -> str:
+    """State machine action AE-7 (Sta3 + Evt7: the local user accepted; send the A-ASSOCIATE-AC, go to
+    Sta6), answered through the listener's :class:`AcceptMemo`. pynetdicom's own AE-7 for a DUL that has
+    no guard, or whose guard has no memo."""
+    memo: AcceptMemo | None = getattr(getattr(dul, "_guard", None), "accepts", None)
+    if memo is None:
+        return _pynetdicom_ae_7(dul)
+    primitive = dul.to_provider_queue.get(False)
+    data = memo.encode(primitive)
+    if dul.socket is None:  # as pynetdicom's _send: nothing to send it on; the state machine moves on
+        log.warning("A-ASSOCIATE-AC not sent: the connection has gone")
+        return "Sta6"
+    dul.socket.send(data)
+    if dul.assoc.get_handlers(evt.EVT_PDU_SENT):  # a handler wants the PDU itself: build it for it
+        evt.trigger(dul.assoc, evt.EVT_PDU_SENT, {"pdu": A_ASSOCIATE_AC(primitive)})
+    return "Sta6"
+
+
 def install() -> None:
-    """Make pynetdicom's ACSE negotiate through :func:`negotiate_as_acceptor` (idempotent)."""
+    """Make pynetdicom's ACSE negotiate through :func:`negotiate_as_acceptor`, and its state machine send
+    A-ASSOCIATE-ACs through :func:`send_accept` (idempotent)."""
     pynetdicom.acse.negotiate_as_acceptor = negotiate_as_acceptor  # type: ignore[attr-defined]
+    description, _, state = pynetdicom.fsm.ACTIONS["AE-7"]
+    pynetdicom.fsm.ACTIONS["AE-7"] = (description, send_accept, state)

@@ -14,14 +14,16 @@ from typing import Any
 import pytest
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          MRImageStorage, RLELossless)
-from pynetdicom import evt
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (A_ASSOCIATE, AsynchronousOperationsWindowNegotiation,
-                                       ImplementationClassUIDNotification, MaximumLengthNotification,
+                                       ImplementationClassUIDNotification,
+                                       ImplementationVersionNameNotification, MaximumLengthNotification,
                                        SCP_SCU_RoleSelectionNegotiation, SOPClassCommonExtendedNegotiation,
                                        SOPClassExtendedNegotiation, UserIdentityNegotiation)
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.presentation import negotiate_as_acceptor as pynetdicom_negotiate
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from support import require_tool
 
 from edged.config import DicomConfig
@@ -279,3 +281,116 @@ def test_the_listener_decodes_and_negotiates_storescus_request_once(tmp_path: Pa
     assert stored == ["CT1", "CT1", "CT1", "CT2"]
     assert len(guard.requests) == 2  # the AE titles differ, so the requests' bytes do
     assert len(contexts.__dict__["negotiated"]) == 1  # the proposed contexts do not
+    assert len(guard.accepts) == 2  # the answers echo the AE titles
+
+
+# -- the A-ASSOCIATE-AC ---------------------------------------------------------------------------
+
+
+def _accept(name: str, roles: dict[Any, Any], *, identity_response: bytes | None = None) -> A_ASSOCIATE:
+    """An accept primitive for request ``name``, as pynetdicom's ACSE makes one: the negotiated result
+    contexts (rejected ones included) and role replies, and the acceptor's user information."""
+    rq = _pynetdicom_primitive(REQUESTS[name]())
+    results, role_items = pynetdicom_negotiate(rq.presentation_context_definition_list, _edged_contexts(), roles)
+    ac = A_ASSOCIATE()
+    ac.application_context_name = rq.application_context_name
+    ac.calling_ae_title, ac.called_ae_title = rq.calling_ae_title, rq.called_ae_title
+    ac.result = 0x00
+    ac.presentation_context_definition_results_list = results
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16382
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.3.0.0"
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = "PYNETDICOM_300"
+    items: list[Any] = [length, impl, version, *role_items]
+    if identity_response is not None:
+        ident = UserIdentityNegotiation()
+        ident.server_response = identity_response
+        items.append(ident)
+    ac.user_information = items
+    return ac
+
+
+@pytest.mark.parametrize("name", REQUESTS)
+@pytest.mark.parametrize("roles", ROLES, ids=["no roles", "both roles", "scp only"])
+def test_a_remembered_accept_is_the_pdu_pynetdicom_encodes(name: str, roles: dict[Any, Any]) -> None:
+    memo = negotiation.AcceptMemo()
+    expected = bytes(A_ASSOCIATE_AC(_accept(name, roles)).encode())
+    assert memo.encode(_accept(name, roles)) == expected  # built
+    assert memo.encode(_accept(name, roles)) == expected  # remembered: an equal primitive of its own
+    assert len(memo) == 1
+
+
+def test_every_part_of_the_accept_is_part_of_what_is_remembered() -> None:
+    """Each change pynetdicom's PDU would show gives its own answer, never a remembered one."""
+    name = "roles, identity, window, extended"
+    changes = {
+        "as it is": lambda ac: None,
+        "calling AE": lambda ac: setattr(ac, "calling_ae_title", "CT9"),
+        "called AE": lambda ac: setattr(ac, "called_ae_title", "EDGED9"),
+        "a result": lambda ac: setattr(ac.presentation_context_definition_results_list[0], "result", 0x03),
+        "a transfer syntax": lambda ac: setattr(ac.presentation_context_definition_results_list[0],
+                                                "transfer_syntax", [ExplicitVRLittleEndian]),
+        "a context ID": lambda ac: setattr(ac.presentation_context_definition_results_list[0], "context_id", 99),
+        "the maximum PDU": lambda ac: setattr(ac.user_information[0], "maximum_length_received", 0),
+        "the version name": lambda ac: setattr(ac.user_information[2], "implementation_version_name", "OTHER"),
+    }
+    memo = negotiation.AcceptMemo()
+    seen: set[bytes] = set()
+    for change in changes.values():
+        ac = _accept(name, {MRImageStorage: (True, True)}, identity_response=b"token")
+        change(ac)
+        expected = bytes(A_ASSOCIATE_AC(ac).encode())
+        assert memo.encode(ac) == expected
+        seen.add(expected)
+    other_identity = _accept(name, {MRImageStorage: (True, True)}, identity_response=b"other")
+    assert memo.encode(other_identity) == bytes(A_ASSOCIATE_AC(other_identity).encode())
+    assert len(seen) == len(changes) and len(memo) == len(changes) + 1
+
+
+def test_the_listener_sends_its_remembered_accept_and_handlers_still_see_the_pdu() -> None:
+    """edged's server against a pynetdicom requestor, twice: the requestor decodes what it was sent as
+    the A-ASSOCIATE-AC pynetdicom would have built, and an EVT_PDU_SENT handler still gets that PDU."""
+    sent: list[Any] = []
+    received: list[Any] = []
+    ae = build_ae(DicomConfig())
+    guard = Guard(Limits(0, 1 << 26, 30.0))
+    server = start_server(ae, ("127.0.0.1", 0), ssl_context=None,
+                          evt_handlers=[(evt.EVT_PDU_SENT, lambda event: sent.append(event.pdu))],
+                          contexts=SharedContexts(ae.supported_contexts), handshake_timeout=30.0, guard=guard)
+    try:
+        for _ in range(2):
+            scu = AE(ae_title="SCANNER")
+            scu.add_requested_context(Verification)
+            scu.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, RLELossless])
+            assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="EDGED",
+                                  evt_handlers=[(evt.EVT_PDU_RECV, lambda event: received.append(event.pdu))])
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+    finally:
+        server.shutdown()
+    acs_sent = [p for p in sent if isinstance(p, A_ASSOCIATE_AC)]
+    acs_received = [p for p in received if isinstance(p, A_ASSOCIATE_AC)]
+    assert len(acs_sent) == len(acs_received) == 2
+    assert len(guard.accepts) == 1
+    for ours, theirs in zip(acs_sent, acs_received):
+        assert bytes(ours.encode()) == bytes(theirs.encode())
+        assert [(cx.context_id, cx.result) for cx in theirs.presentation_context] == [(1, 0), (3, 0)]
+
+
+def test_a_plain_pynetdicom_listener_still_answers_with_pynetdicoms_own_accept() -> None:
+    """install() changes nothing for an association whose DUL has no guard."""
+    negotiation.install()
+    ae = AE(ae_title="PLAIN")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        scu = AE(ae_title="SCANNER")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="PLAIN")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()
