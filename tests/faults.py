@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -109,23 +108,6 @@ def status(edged: EdgedProcess) -> dict[str, Any]:
     out = edged_cli(edged, "status", "--json")
     assert out.returncode == 0, out.stderr
     return dict(json.loads(out.stdout))
-
-
-def metrics_text(edged: EdgedProcess) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{edged.http_port}/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the Prometheus text ``text`` (0 if absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            head, _, value = line.rpartition(" ")
-            got = head[len(name):].strip("{}")
-            if ",".join(sorted(got.split(","))) == want or (not want and not got):
-                return float(value)
-    return 0.0
 
 
 def wait_all_delivered(edged: EdgedProcess, timeout: float) -> None:

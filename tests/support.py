@@ -222,9 +222,26 @@ def eventually(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
         time.sleep(0.02)
 
 
-def metric(edged: EdgedProcess, name: str, **labels: str) -> float:
-    """One sample from the daemon's /metrics (0 when that label set has not been seen yet)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{edged.http_port}/metrics", timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+def metrics_text(edged: EdgedProcess) -> str:
+    """One scrape of the daemon's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{edged.http_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in the Prometheus text ``text`` (labels in any order); None if absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            got = head[len(name):].strip("{}")
+            if ",".join(sorted(got.split(","))) == want or (not want and not got):
+                return float(value)
+    return None
+
+
+def metric(source: EdgedProcess | str, name: str, **labels: str) -> float:
+    """One sample from the daemon's /metrics (scraped now) or from the text of one scrape; 0 when that
+    label set has not been seen yet."""
+    value = sample(source if isinstance(source, str) else metrics_text(source), name, **labels)
+    return 0.0 if value is None else value

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from faults import (CLASSIFIER, add_destination, edged_cli, metric, metrics_text, orthanc_datasets, phantom_pool,
-                    stop_orthanc, wait_all_delivered, write_small_series)
+from faults import (CLASSIFIER, add_destination, edged_cli, orthanc_datasets, phantom_pool, stop_orthanc,
+                    wait_all_delivered, write_small_series)
 from orthanc import Orthanc
-from support import PIPELINE, storescu
+from support import PIPELINE, metric, metrics_text, storescu
 
 MAX_ATTEMPTS = 3
 OUTBOX = {"retry_base_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": MAX_ATTEMPTS,
@@ -65,4 +65,4 @@ def test_pacs_outage_then_everything_delivered_none_dead(edged_factory, orthanc:
     in_journal = {r["sop_instance_uid"] for r in edged.query("SELECT sop_instance_uid FROM results")}
     at_pacs = [str(d.SOPInstanceUID) for d in orthanc_datasets(orthanc)]
     assert sorted(at_pacs) == sorted(in_journal) and len(at_pacs) == 4
-    assert metric(metrics_text(edged), "edged_deliveries_total", destination="orthanc", result="delivered") == 4
+    assert metric(edged, "edged_deliveries_total", destination="orthanc", result="delivered") == 4

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-from support import PIPELINE, EdgedProcess, findings, jobs, run, storescu, wait_jobs, write_series
+from support import PIPELINE, EdgedProcess, findings, jobs, metrics_text, run, sample, storescu, wait_jobs, write_series
 from tritonserver import TritonServer
 
 from edged.config import TritonConfig
@@ -58,15 +58,6 @@ def _status(edged: EdgedProcess, *args: str) -> str:
     return res.stdout
 
 
-def _metric(edged: EdgedProcess, name: str, **labels: str) -> float | None:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{edged.http_port}/metrics", timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # prometheus_client sorts labels
-    for line in body.splitlines():
-        if line.startswith(f"{name}{{{want}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 def _by_job_key(edged: EdgedProcess) -> dict[tuple, list[tuple]]:
     """Findings keyed by what identifies a job across daemons (model, level, instance, series sources)."""
     out: dict[tuple, list[tuple]] = {}
@@ -101,7 +92,7 @@ def test_findings_through_triton_equal_local_onnxruntime(edged_factory, triton: 
             else:
                 assert g[3][name] == value, (key, name)
     assert any(p[1] for v in want.values() for p in v), "no positive finding: the comparison would be weak"
-    assert _metric(remote, "edged_engine_available", model="ct-nodule-cls", backend="triton") == 1.0
+    assert sample(metrics_text(remote), "edged_engine_available", model="ct-nodule-cls", backend="triton") == 1.0
     ready = urllib.request.urlopen(f"http://127.0.0.1:{remote.http_port}/readyz", timeout=10)
     assert ready.status == 200
     assert "engine ct-nodule-cls: triton available" in _status(remote)
@@ -192,7 +183,7 @@ def test_triton_stopped_mid_series_every_job_finishes_once(edged_factory, triton
             assert time.monotonic() < deadline, "edged status never showed the backend unavailable"
             time.sleep(0.2)
         time.sleep(3)  # several back-off rounds: jobs must wait, not fail
-        assert _metric(edged, "edged_engine_available", model="ct-nodule-cls", backend="triton") == 0.0
+        assert sample(metrics_text(edged), "edged_engine_available", model="ct-nodule-cls", backend="triton") == 0.0
         states = [r["state"] for r in jobs(edged)]
         assert "failed" not in states and "dead" not in states and states.count("done") >= 12
         assert any(s in ("pending", "running") for s in states)
