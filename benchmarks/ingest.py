@@ -9,6 +9,9 @@ associations (default 1 and 4):
 * DCMTK ``storescp`` (``--fork`` when more than one association, fresh output dir each time),
 * the disk limit: the same files written with temp file + fsync + rename + directory fsync in a loop
   (one writer thread per "association"), which bounds any receiver that fsyncs before it acknowledges,
+* disk+journal: that loop again (a separate pass) with one SQLite commit per file after it (WAL,
+  synchronous=FULL), timed per step; with storescp's time per image it gives the ordered bound at 1
+  association (:func:`ordered_bound`), the most any receiver that keeps edged's order can reach,
 
 and the cost of setting up an association (``echoscu`` in a loop, ``storescu`` with one file per
 association). Every DCMTK peer runs with ``TCP_NODELAY=1`` (Debian's build leaves Nagle on).
@@ -29,6 +32,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -55,6 +59,10 @@ NOTE = ("DCMTK peers run with TCP_NODELAY=1; edged fsyncs each file, its directo
 REPO = Path(__file__).resolve().parent.parent
 ORTHANC_AET = "ORTHANC"
 RECEIVERS = ("edged", "orthanc", "storescp", "disk")
+#: The rows of the throughput table, in order ("disk" measures both "disk limit" and "disk+journal").
+ROWS = ("edged", "orthanc", "storescp", "disk limit", "disk+journal")
+#: The speed issue's target at 1 association: edged >= this x the disk limit.
+TARGET_OVER_DISK_LIMIT = 0.6
 
 START_TIMEOUT_S = 60.0
 
@@ -323,12 +331,38 @@ def running(receiver: Receiver) -> Iterator[Receiver]:
 
 
 @dataclass
+class FileTimes:
+    """Seconds a durable write loop spent in each step, summed over its files (over every writer thread)."""
+
+    files: int = 0
+    write_s: float = 0.0  # (a) open the temp file and write its bytes (to the page cache)
+    flush_s: float = 0.0  # (b) fsync it, close, rename into place, fsync the directory
+    commit_s: float = 0.0  # (c) commit its row to the journal (0 in the loop without one)
+
+    def __add__(self, other: "FileTimes") -> "FileTimes":
+        return FileTimes(self.files + other.files, self.write_s + other.write_s, self.flush_s + other.flush_s,
+                         self.commit_s + other.commit_s)
+
+    def record(self, write_s: float, flush_s: float, commit_s: float) -> None:
+        self.files += 1
+        self.write_s += write_s
+        self.flush_s += flush_s
+        self.commit_s += commit_s
+
+    def ms_per_file(self) -> dict[str, float]:
+        n = self.files
+        return {"write": 1000.0 * self.write_s / n, "fsync_rename_dirfsync": 1000.0 * self.flush_s / n,
+                "journal_commit": 1000.0 * self.commit_s / n}
+
+
+@dataclass
 class Throughput:
     receiver: str
     associations: int
     images: int
     seconds: float
     megabytes: float
+    per_file: FileTimes | None = None  # the disk loops only
 
     @property
     def images_per_s(self) -> float:
@@ -339,7 +373,11 @@ class Throughput:
         return self.megabytes / self.seconds
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_s": round(self.images_per_s, 2), "mb_per_s": round(self.mb_per_s, 2)}
+        out = {k: v for k, v in asdict(self).items() if k != "per_file"}
+        out.update(images_per_s=round(self.images_per_s, 2), mb_per_s=round(self.mb_per_s, 2))
+        if self.per_file is not None:
+            out["ms_per_file"] = {k: round(v, 4) for k, v in self.per_file.ms_per_file().items()}
+        return out
 
 
 @dataclass
@@ -443,39 +481,111 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _durable_write_loop(files: Sequence[Path], tmp_dir: Path, dest_dir: Path, tag: str) -> None:
-    """For each file: its bytes to a new temp file, fsync, rename into ``dest_dir``, fsync ``dest_dir``."""
-    for i, src in enumerate(files):
-        data = memoryview(src.read_bytes())
-        tmp = tmp_dir / f"{tag}-{i}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest_dir / f"{tag}-{i}.dcm")
-        _fsync_dir(dest_dir)
+JOURNAL_FILE = "journal.sqlite3"
 
 
-def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megabytes: float) -> Throughput:
-    """The fsync-before-ack ceiling of this disk for these files, with ``threads`` writers in parallel."""
+def _create_journal(path: Path) -> None:
+    """The disk+journal loop's SQLite database: WAL (persistent), one table of integer key and path."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise BenchError(f"{path}: cannot enable WAL mode (got {mode})")
+        conn.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT NOT NULL)")
+    finally:
+        conn.close()
+
+
+def _open_journal(path: Path) -> sqlite3.Connection:
+    """One writer thread's connection (opened and used in that thread): synchronous=FULL, as edged's journal."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=60.0)  # writers share the database: wait for the lock
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def _durable_write_loop(files: Sequence[Path], tmp_dir: Path, dest_dir: Path, tag: str,
+                        journal: Path | None = None) -> FileTimes:
+    """For each file: its bytes to a new temp file, fsync, rename into ``dest_dir``, fsync ``dest_dir``; then,
+    with ``journal``, its row committed there in a transaction of its own. Returns the time spent per step."""
+    times = FileTimes()
+    conn = _open_journal(journal) if journal is not None else None
+    clock = time.perf_counter
+    try:
+        for i, src in enumerate(files):
+            data = memoryview(src.read_bytes())
+            tmp, dest = tmp_dir / f"{tag}-{i}.part", dest_dir / f"{tag}-{i}.dcm"
+            t_open = clock()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+                t_written = clock()
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+            _fsync_dir(dest_dir)
+            t_durable = clock()
+            if conn is not None:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT INTO files (path) VALUES (?)", (str(dest),))
+                conn.execute("COMMIT")
+            t_committed = clock() if conn is not None else t_durable
+            times.record(t_written - t_open, t_durable - t_written, t_committed - t_durable)
+    finally:
+        if conn is not None:
+            conn.close()
+    return times
+
+
+def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megabytes: float, *,
+                       journal: bool = False) -> Throughput:
+    """The fsync-before-ack ceiling of this disk for these files, with ``threads`` writers in parallel.
+
+    ``journal=True`` is the "disk+journal" pass: the same loop, each file then committed as a row of a SQLite
+    database in ``workdir`` (WAL, synchronous=FULL, one transaction per file, one connection per thread).
+
+    It is a separate pass, not the disk limit's own loop with the commits timed and subtracted, because that
+    would not be the same figure: the journal's WAL fsyncs go to the same disk (and, on ext4, the same
+    filesystem journal) as the files' fsyncs and change what those cost, and with several threads one
+    thread's commit overlaps the others' writes, so there is no commit time to subtract from the wall clock.
+    So the "disk limit" loop is exactly what it was (wall clock of write + fsync + rename + directory fsync,
+    no database), and the flushes edged must do, interleaved as edged does them, are timed in a loop of
+    their own. Both passes record the per-step times (:class:`FileTimes`); the clock calls cost < 1 us per
+    file.
+    """
     tmp_dir, dest_dir = workdir / "tmp", workdir / "instances"
     tmp_dir.mkdir(parents=True)
     dest_dir.mkdir(parents=True)
+    db = workdir / JOURNAL_FILE if journal else None
+    if db is not None:
+        _create_journal(db)
     _fsync_dir(workdir)
     chunks = [c for c in split(files, threads) if c]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-        futures = [pool.submit(_durable_write_loop, chunk, tmp_dir, dest_dir, f"w{i}") for i, chunk in enumerate(chunks)]
-        for f in futures:
-            f.result()
+        futures = [pool.submit(_durable_write_loop, chunk, tmp_dir, dest_dir, f"w{i}", db)
+                   for i, chunk in enumerate(chunks)]
+        times = [f.result() for f in futures]
     seconds = time.perf_counter() - t0
+    label = "disk+journal" if journal else "disk limit"
     written = sum(1 for _ in dest_dir.iterdir())
     if written != len(files):
-        raise BenchError(f"disk limit loop wrote {written} of {len(files)} files")
-    return Throughput("disk limit", threads, len(files), seconds, megabytes)
+        raise BenchError(f"{label} loop wrote {written} of {len(files)} files")
+    if db is not None:
+        rows = journal_rows(db)
+        if rows != len(files):
+            raise BenchError(f"{label} loop committed {rows} of {len(files)} rows")
+    return Throughput(label, threads, len(files), seconds, megabytes, per_file=sum(times, FileTimes()))
+
+
+def journal_rows(db: Path) -> int:
+    """Rows committed to a disk+journal loop's database."""
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def _per_call_ms(cmds: Sequence[Sequence[str]], cwd: Path | None = None) -> float:
@@ -543,17 +653,21 @@ def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results
         "orthanc": lambda d, n: Orthanc(d),
         "storescp": lambda d, n: Storescp(d, tools, fork=n > 1),
     }
+    def measure(row: str, n: int) -> Throughput:
+        if row == "disk limit":
+            return measure_disk_limit(files, n, fresh(f"disk-{n}"), megabytes)
+        if row == "disk+journal":
+            return measure_disk_limit(files, n, fresh(f"disk-journal-{n}"), megabytes, journal=True)
+        return measure_receiver(makers[row](fresh(f"{row}-{n}"), n), tools, files, n, megabytes, logdir)
+
     for n in args.associations:
         for _ in range(args.repeat):  # rounds: every receiver once per round, best of the rounds kept
             for label in [r for r in RECEIVERS if r in args.receivers]:
-                shown = "disk limit" if label == "disk" else label
-                print(f"  {shown:<10} {n} association(s) ...", end=" ", flush=True)
-                if label == "disk":
-                    t = measure_disk_limit(files, n, fresh(f"disk-{n}"), megabytes)
-                else:
-                    t = measure_receiver(makers[label](fresh(f"{label}-{n}"), n), tools, files, n, megabytes, logdir)
-                results.add(t)
-                print(f"{t.images_per_s:8.1f} images/s", flush=True)
+                for row in (("disk limit", "disk+journal") if label == "disk" else (label,)):
+                    print(f"  {row:<12} {n} association(s) ...", end=" ", flush=True)
+                    t = measure(row, n)
+                    results.add(t)
+                    print(f"{t.images_per_s:8.1f} images/s", flush=True)
 
     for label in [r for r in ("edged", "orthanc", "storescp") if r in args.receivers and args.setup_repeats]:
         for _ in range(args.repeat):
@@ -584,6 +698,105 @@ def ratios(results: Results) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class OrderedBound:
+    """The most any receiver keeping edged's order can reach at 1 association, and its ratios (ms per image)."""
+
+    storescp_ms: float  # storescp's time per image: the sender's pace, the network, the page-cache write
+    flush_ms: float  # (b) fsync + rename + directory fsync, per file, from the disk+journal loop at 1 thread
+    commit_ms: float  # (c) the journal commit, per file, same loop
+    disk_limit: float | None  # images/s at 1 association
+    edged: float | None  # images/s at 1 association
+
+    @property
+    def ms_per_image(self) -> float:
+        return self.storescp_ms + self.flush_ms + self.commit_ms
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000.0 / self.ms_per_image
+
+    @property
+    def over_disk_limit(self) -> float | None:
+        return self.images_per_s / self.disk_limit if self.disk_limit else None
+
+    @property
+    def edged_over_bound(self) -> float | None:
+        return self.edged / self.images_per_s if self.edged is not None else None
+
+    @property
+    def target_over_bound(self) -> float | None:
+        """The target (TARGET_OVER_DISK_LIMIT x the disk limit) as a fraction of the bound: > 1 is out of reach."""
+        return TARGET_OVER_DISK_LIMIT * self.disk_limit / self.images_per_s if self.disk_limit else None
+
+    def as_dict(self) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return round(x, 3) if x is not None else None
+        return {
+            "images_per_s": round(self.images_per_s, 2),
+            "over_disk_limit": r(self.over_disk_limit),
+            "edged_over_bound": r(self.edged_over_bound),
+            "target_over_disk_limit": TARGET_OVER_DISK_LIMIT,
+            "target_over_bound": r(self.target_over_bound),
+            "storescp_ms_per_image": round(self.storescp_ms, 4),
+            "flush_ms": {"fsync_rename_dirfsync": round(self.flush_ms, 4), "journal_commit": round(self.commit_ms, 4),
+                         "total": round(self.flush_ms + self.commit_ms, 4)},
+        }
+
+
+def ordered_bound(results: Results) -> OrderedBound | None:
+    """ordered_bound_1 = 1 / (1 / storescp's images/s + (b) + (c) per file), at 1 association; None without
+    storescp or the disk+journal loop at 1 association.
+
+    With one association storescu waits for each response before it sends the next image, so a receiver that
+    writes, fsyncs, renames, fsyncs the directory and commits its journal before answering cannot receive
+    image n+1 while image n is being flushed: its time per image is at least storescp's (the sender's pace,
+    the network and the write to the page cache, all of which storescp does too) plus the flushes (b) + (c),
+    timed in the disk+journal loop at 1 thread ((a), the page-cache write, is already in storescp's time
+    and is not counted twice). With K > 1 associations one association's flushes overlap the others'
+    transfers (and group commit shares them), so this sum bounds nothing there and is not computed.
+
+    Best of rounds, like every other figure: storescp's best round (highest images/s) and the per-step
+    times of the disk+journal round with the highest images/s (the rows the throughput table shows).
+    Both are the fastest seen, so the bound is the most optimistic one the run supports. storescp's time per
+    image includes starting storescu and setting up the association, spread over ``--count`` images (as
+    edged's does, so edged/bound is like for like; bound/disk-limit is low with a small ``--count``).
+    """
+    s, j = results.get("storescp", 1), results.get("disk+journal", 1)
+    if s is None or j is None or j.per_file is None or not j.per_file.files:
+        return None
+    d, e = results.get("disk limit", 1), results.get("edged", 1)
+    ms = j.per_file.ms_per_file()
+    return OrderedBound(storescp_ms=1000.0 / s.images_per_s, flush_ms=ms["fsync_rename_dirfsync"],
+                        commit_ms=ms["journal_commit"], disk_limit=d.images_per_s if d else None,
+                        edged=e.images_per_s if e else None)
+
+
+def _bound_lines(results: Results) -> list[str]:
+    """The ordered bound block of the report (and the 1-thread disk+journal loop's ms per step)."""
+    lines = ["", "ordered bound, 1 association: the most any receiver keeping edged's order (write, fsync, rename, "
+                 "directory fsync, journal commit, then Success) can reach, storescu waiting for each Success"]
+    b = ordered_bound(results)
+    if b is None:
+        lines.append("  n/a (needs storescp and disk measured at 1 association)")
+    else:
+        lines += [
+            f"  storescp's {b.storescp_ms:.2f} ms per image + flushes {b.flush_ms + b.commit_ms:.2f} ms "
+            f"(fsync+rename+dir fsync {b.flush_ms:.2f}, journal commit {b.commit_ms:.2f}) = {b.ms_per_image:.2f} ms "
+            f"-> {b.images_per_s:.1f} images/s",
+            f"  bound/disk-limit {_ratio(b.images_per_s, b.disk_limit)}   edged/bound {_ratio(b.edged, b.images_per_s)}"
+            f"   target {TARGET_OVER_DISK_LIMIT}x disk-limit = "
+            + (f"{b.target_over_bound:.2f}x the bound" if b.target_over_bound is not None else "n/a"),
+        ]
+    j = results.get("disk+journal", 1)
+    if j is not None and j.per_file is not None and j.per_file.files:
+        ms = j.per_file.ms_per_file()
+        lines.append(f"  disk+journal loop, 1 thread, mean ms per file: (a) open+write {ms['write']:.3f}, "
+                     f"(b) fsync+rename+dir fsync {ms['fsync_rename_dirfsync']:.3f}, "
+                     f"(c) journal commit {ms['journal_commit']:.3f}")
+    return lines
+
+
 def report(results: Results) -> str:
     mb_each = results.file_bytes / results.count / 1e6
     lines = [
@@ -598,13 +811,13 @@ def report(results: Results) -> str:
         f"{'receiver':<12} {'assoc.':>6} {'images/s':>9} {'MB/s':>7} {'seconds':>8}",
         f"{'-' * 12} {'-' * 6} {'-' * 9} {'-' * 7} {'-' * 8}",
     ]
-    order = ["edged", "orthanc", "storescp", "disk limit"]
-    for t in sorted(results.throughput, key=lambda t: (t.associations, order.index(t.receiver))):
+    for t in sorted(results.throughput, key=lambda t: (t.associations, ROWS.index(t.receiver))):
         each = [r.images_per_s for r in results.runs if r.receiver == t.receiver and r.associations == t.associations]
         runs = " (runs: " + ", ".join(f"{x:.1f}" for x in each) + ")" if len(each) > 1 else ""
         lines.append(f"{t.receiver:<12} {t.associations:>6} {t.images_per_s:>9.1f} {t.mb_per_s:>7.1f} {t.seconds:>8.2f}{runs}")
     lines += [
-        "(disk limit: same files, temp file + fsync + rename + directory fsync in a loop; 'assoc.' = parallel writer threads)",
+        "(disk limit: same files, temp file + fsync + rename + directory fsync in a loop; 'assoc.' = parallel writer threads;",
+        " disk+journal: that loop again, each file then committed as a row of a SQLite journal, WAL, synchronous=FULL)",
         f"(best of {results.repeat} round(s); in each round every receiver ran once, one after the other)",
         "",
         f"{'assoc.':>6} {'edged/orthanc':>14} {'edged/storescp':>15} {'edged/disk-limit':>17}   ({results.cpu_count} CPU cores)",
@@ -615,6 +828,7 @@ def report(results: Results) -> str:
         lines.append(f"{n:>6} {_ratio(e and e.images_per_s, o and o.images_per_s):>14} "
                      f"{_ratio(e and e.images_per_s, s and s.images_per_s):>15} "
                      f"{_ratio(e and e.images_per_s, d and d.images_per_s):>17}")
+    lines += _bound_lines(results)
     if results.setup:
         lines += [
             "",
@@ -637,6 +851,7 @@ def report(results: Results) -> str:
 
 
 def to_json(results: Results) -> dict[str, Any]:
+    bound = ordered_bound(results)
     return {
         "count": results.count,
         "file_bytes": results.file_bytes,
@@ -651,6 +866,7 @@ def to_json(results: Results) -> dict[str, Any]:
         "throughput": [t.as_dict() for t in results.throughput],
         "throughput_runs": [t.as_dict() for t in results.runs],
         "ratios": ratios(results),
+        **({"ordered_bound_1": bound.as_dict()} if bound is not None else {}),
         "association_setup_ms": [asdict(s) for s in results.setup],
         "association_setup_runs_ms": [asdict(s) for s in results.setup_runs],
         "tool_start_ms": round(results.tool_start_ms, 2),

@@ -1,0 +1,145 @@
+"""The figures benchmarks/ingest.py derives: the ordered bound at 1 association and its ratios (< 1 s).
+
+The benchmark itself needs DCMTK and minutes; these check its arithmetic on made-up throughput figures and
+per-file flush timings, and run its disk+journal loop on three tiny files.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import ingest  # noqa: E402
+from ingest import FileTimes, Results, Throughput  # noqa: E402
+
+
+def _results(*throughput: Throughput) -> Results:
+    r = Results(count=100, file_bytes=51_300_000, cpu_count=2, dcmtk="3.6.7", workdir_fs="ext4 (/)", repeat=2)
+    for t in throughput:
+        r.add(t)
+    return r
+
+
+def _ips(receiver: str, images_per_s: float, associations: int = 1, per_file: FileTimes | None = None) -> Throughput:
+    """``receiver`` at ``images_per_s`` for 100 images."""
+    return Throughput(receiver, associations, 100, 100 / images_per_s, 51.3, per_file=per_file)
+
+
+# 100 files: (a) 0.5 ms, (b) 1.5 ms, (c) 0.5 ms each, so the flushes take 2 ms per file
+FLUSHES_2MS = FileTimes(files=100, write_s=0.05, flush_s=0.15, commit_s=0.05)
+
+
+def _standard() -> Results:
+    return _results(_ips("storescp", 500.0), _ips("disk limit", 400.0), _ips("edged", 200.0),
+                    _ips("disk+journal", 150.0, per_file=FLUSHES_2MS))
+
+
+def test_bound_is_storescp_time_plus_the_flushes_not_the_page_cache_write() -> None:
+    b = ingest.ordered_bound(_standard())
+    assert b is not None
+    assert b.storescp_ms == pytest.approx(2.0)
+    assert b.flush_ms == pytest.approx(1.5)
+    assert b.commit_ms == pytest.approx(0.5)
+    assert b.images_per_s == pytest.approx(250.0)  # 1 / (2 ms + 2 ms); with (a) counted too it would be 222
+    assert b.over_disk_limit == pytest.approx(0.625)
+    assert b.edged_over_bound == pytest.approx(0.8)
+    assert b.target_over_bound == pytest.approx(0.6 * 400 / 250)
+
+
+def test_bound_in_json() -> None:
+    out = ingest.to_json(_standard())["ordered_bound_1"]
+    assert out["images_per_s"] == pytest.approx(250.0)
+    assert out["over_disk_limit"] == pytest.approx(0.625)
+    assert out["edged_over_bound"] == pytest.approx(0.8)
+    assert out["flush_ms"] == {"fsync_rename_dirfsync": pytest.approx(1.5), "journal_commit": pytest.approx(0.5),
+                               "total": pytest.approx(2.0)}
+
+
+def test_bound_uses_the_best_rounds() -> None:
+    r = _results(_ips("storescp", 250.0), _ips("storescp", 500.0), _ips("storescp", 400.0),
+                 _ips("disk limit", 400.0),
+                 _ips("disk+journal", 100.0, per_file=FileTimes(100, 0.05, 0.55, 0.05)),  # a slow round: 6 ms
+                 _ips("disk+journal", 150.0, per_file=FLUSHES_2MS),
+                 _ips("disk+journal", 120.0, per_file=FileTimes(100, 0.05, 0.25, 0.05)))
+    b = ingest.ordered_bound(r)
+    assert b is not None
+    assert b.images_per_s == pytest.approx(250.0)
+    assert b.edged is None and b.edged_over_bound is None
+    assert ingest.to_json(r)["ordered_bound_1"]["edged_over_bound"] is None
+
+
+def test_bound_only_at_one_association() -> None:
+    r = _results(_ips("storescp", 500.0, 4), _ips("disk limit", 400.0, 4), _ips("edged", 200.0, 4),
+                 _ips("disk+journal", 150.0, 4, per_file=FLUSHES_2MS))
+    assert ingest.ordered_bound(r) is None
+    assert "ordered_bound_1" not in ingest.to_json(r)
+
+
+def test_no_bound_without_storescp() -> None:
+    r = _results(_ips("disk limit", 400.0), _ips("edged", 200.0), _ips("disk+journal", 150.0, per_file=FLUSHES_2MS))
+    assert ingest.ordered_bound(r) is None
+    assert "ordered_bound_1" not in ingest.to_json(r)
+    text = ingest.report(r)
+    assert "ordered bound, 1 association" in text
+    assert "n/a (needs storescp and disk measured at 1 association)" in text
+    assert "(a) open+write 0.500, (b) fsync+rename+dir fsync 1.500, (c) journal commit 0.500" in text
+
+
+def test_no_bound_without_the_disk_loops() -> None:
+    r = _results(_ips("storescp", 500.0), _ips("edged", 200.0))
+    assert ingest.ordered_bound(r) is None
+    assert "n/a (needs storescp and disk measured at 1 association)" in ingest.report(r)
+
+
+def test_report_block() -> None:
+    text = ingest.report(_standard())
+    block = text[text.index("ordered bound, 1 association"):]
+    assert text.index("edged/disk-limit") < text.index("ordered bound")  # after the ratio table
+    assert ("storescp's 2.00 ms per image + flushes 2.00 ms (fsync+rename+dir fsync 1.50, journal commit 0.50) "
+            "= 4.00 ms -> 250.0 images/s") in block
+    assert "bound/disk-limit 0.62x   edged/bound 0.80x   target 0.6x disk-limit = 0.96x the bound" in block
+    assert "disk+journal loop, 1 thread, mean ms per file: (a) open+write 0.500" in block
+    assert "disk+journal " in text[:text.index("ordered bound")]  # its row in the throughput table
+
+
+def test_disk_limit_figure_is_unchanged_by_the_journal_pass() -> None:
+    """The "disk limit" row is its own loop's wall clock; the disk+journal pass is a row of its own."""
+    r = _standard()
+    assert r.get("disk limit", 1).images_per_s == pytest.approx(400.0)  # type: ignore[union-attr]
+    assert ingest.ratios(r)[0]["edged_over_disk_limit"] == pytest.approx(0.5)
+
+
+def _tiny_files(tmp_path: Path) -> list[Path]:
+    src = tmp_path / "series"
+    src.mkdir()
+    files = [src / f"{i}.dcm" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 4096)
+    return files
+
+
+def test_disk_journal_loop_times_each_step_and_commits_a_row_per_file(tmp_path: Path) -> None:
+    files = _tiny_files(tmp_path)
+    t = ingest.measure_disk_limit(files, 1, tmp_path / "disk-journal", 0.012, journal=True)
+    assert (t.receiver, t.associations, t.images) == ("disk+journal", 1, 3)
+    assert t.per_file is not None and t.per_file.files == 3
+    assert t.per_file.write_s > 0 and t.per_file.flush_s > 0 and t.per_file.commit_s > 0
+    with sqlite3.connect(tmp_path / "disk-journal" / ingest.JOURNAL_FILE) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        paths = [row[0] for row in conn.execute("SELECT path FROM files ORDER BY id")]
+    assert len(paths) == 3 and all(Path(p).read_bytes() == f.read_bytes() for p, f in zip(paths, files))
+    assert ingest.to_json(_results(t))["throughput"][0]["ms_per_file"]["journal_commit"] > 0
+
+
+def test_disk_limit_loop_has_no_journal(tmp_path: Path) -> None:
+    files = _tiny_files(tmp_path)
+    t = ingest.measure_disk_limit(files, 1, tmp_path / "disk", 0.012)
+    assert t.receiver == "disk limit" and t.images == 3
+    assert t.per_file is not None and t.per_file.files == 3 and t.per_file.commit_s == 0.0
+    assert t.per_file.flush_s > 0
+    assert not list((tmp_path / "disk").glob("*.sqlite3*"))
+    assert len(list((tmp_path / "disk" / "instances").iterdir())) == 3
