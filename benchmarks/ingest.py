@@ -33,6 +33,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -685,17 +686,47 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "n/a"
 
 
+def round_ratios(results: Results, receiver: str, other: str, associations: int) -> list[float]:
+    """``receiver``'s images/s over ``other``'s, round by round (the k-th run of each at ``associations``).
+
+    In a round the receivers run one right after the other, so both see the same machine; the ratio of
+    the best rounds (:func:`ratios`) may pair a quick round of one with a slow round of the other.
+    """
+    def runs(name: str) -> list[float]:
+        return [t.images_per_s for t in results.runs if t.receiver == name and t.associations == associations]
+    return [a / b for a, b in zip(runs(receiver), runs(other)) if b]
+
+
 def ratios(results: Results) -> list[dict[str, Any]]:
     out = []
     for n in sorted({t.associations for t in results.throughput}):
         e, o, s, d = (results.get(r, n) for r in ("edged", "orthanc", "storescp", "disk limit"))
-        out.append({
+        row: dict[str, Any] = {
             "associations": n,
             "edged_over_orthanc": round(e.images_per_s / o.images_per_s, 3) if e and o else None,
             "edged_over_storescp": round(e.images_per_s / s.images_per_s, 3) if e and s else None,
             "edged_over_disk_limit": round(e.images_per_s / d.images_per_s, 3) if e and d else None,
-        })
+        }
+        for other, key in (("orthanc", "orthanc"), ("disk limit", "disk_limit")):
+            each = round_ratios(results, "edged", other, n)
+            row[f"edged_over_{key}_rounds"] = [round(x, 3) for x in each]
+            row[f"edged_over_{key}_median_round"] = round(statistics.median(each), 3) if each else None
+        out.append(row)
     return out
+
+
+def _round_lines(results: Results) -> list[str]:
+    """The ratios to Orthanc and to the disk limit round by round, with their median (where >1 round)."""
+    lines: list[str] = []
+    for n in sorted({t.associations for t in results.throughput}):
+        for other in ("orthanc", "disk limit"):
+            each = round_ratios(results, "edged", other, n)
+            if len(each) > 1:
+                lines.append(f"  {n} assoc., edged/{other.replace(' ', '-')} round by round: "
+                             + ", ".join(f"{x:.2f}x" for x in each) + f" (median {statistics.median(each):.2f}x)")
+    if lines:
+        lines.insert(0, "(the same ratios within each round, the receivers measured one right after the other:)")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -828,6 +859,7 @@ def report(results: Results) -> str:
         lines.append(f"{n:>6} {_ratio(e and e.images_per_s, o and o.images_per_s):>14} "
                      f"{_ratio(e and e.images_per_s, s and s.images_per_s):>15} "
                      f"{_ratio(e and e.images_per_s, d and d.images_per_s):>17}")
+    lines += _round_lines(results)
     lines += _bound_lines(results)
     if results.setup:
         lines += [

@@ -143,3 +143,24 @@ def test_disk_limit_loop_has_no_journal(tmp_path: Path) -> None:
     assert t.per_file.flush_s > 0
     assert not list((tmp_path / "disk").glob("*.sqlite3*"))
     assert len(list((tmp_path / "disk" / "instances").iterdir())) == 3
+
+
+def test_round_ratios_pair_each_round_and_differ_from_the_ratio_of_the_bests() -> None:
+    # round 1: edged 150 / disk 300 = 0.5; round 2: edged 200 / disk 250 = 0.8; round 3: 160 / 400 = 0.4
+    r = _results(_ips("edged", 150.0), _ips("disk limit", 300.0), _ips("orthanc", 100.0),
+                 _ips("edged", 200.0), _ips("disk limit", 250.0), _ips("orthanc", 80.0),
+                 _ips("edged", 160.0), _ips("disk limit", 400.0), _ips("orthanc", 100.0),
+                 _ips("edged", 300.0, associations=4), _ips("disk limit", 500.0, associations=4))
+    assert ingest.round_ratios(r, "edged", "disk limit", 1) == pytest.approx([0.5, 0.8, 0.4])
+    row1, row4 = ingest.ratios(r)
+    assert row1["edged_over_disk_limit"] == pytest.approx(0.5)  # best edged 200 over best disk 400
+    assert row1["edged_over_disk_limit_rounds"] == pytest.approx([0.5, 0.8, 0.4])
+    assert row1["edged_over_disk_limit_median_round"] == pytest.approx(0.5)
+    assert row1["edged_over_orthanc_rounds"] == pytest.approx([1.5, 2.5, 1.6])
+    assert row1["edged_over_orthanc_median_round"] == pytest.approx(1.6)
+    assert row4["edged_over_disk_limit_rounds"] == pytest.approx([0.6])
+    assert row4["edged_over_orthanc_rounds"] == [] and row4["edged_over_orthanc_median_round"] is None
+    text = ingest.report(r)
+    assert "1 assoc., edged/disk-limit round by round: 0.50x, 0.80x, 0.40x (median 0.50x)" in text
+    assert "1 assoc., edged/orthanc round by round: 1.50x, 2.50x, 1.60x (median 1.60x)" in text
+    assert "4 assoc., edged/disk-limit round by round" not in text  # one round: nothing to add
