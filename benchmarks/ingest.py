@@ -407,6 +407,10 @@ class Results:
     def get(self, receiver: str, associations: int) -> Throughput | None:
         return next((t for t in self.throughput if t.receiver == receiver and t.associations == associations), None)
 
+    def rates(self, receiver: str, associations: int) -> list[float]:
+        """images/s of every run of ``receiver`` at ``associations``, round by round."""
+        return [t.images_per_s for t in self.runs if t.receiver == receiver and t.associations == associations]
+
     def add(self, t: Throughput) -> None:
         """Record one measurement; the best (highest images/s) per receiver and association count is kept."""
         self.runs.append(t)
@@ -692,9 +696,7 @@ def round_ratios(results: Results, receiver: str, other: str, associations: int)
     In a round the receivers run one right after the other, so both see the same machine; the ratio of
     the best rounds (:func:`ratios`) may pair a quick round of one with a slow round of the other.
     """
-    def runs(name: str) -> list[float]:
-        return [t.images_per_s for t in results.runs if t.receiver == name and t.associations == associations]
-    return [a / b for a, b in zip(runs(receiver), runs(other)) if b]
+    return [a / b for a, b in zip(results.rates(receiver, associations), results.rates(other, associations)) if b]
 
 
 def ratios(results: Results) -> list[dict[str, Any]]:
@@ -843,7 +845,7 @@ def report(results: Results) -> str:
         f"{'-' * 12} {'-' * 6} {'-' * 9} {'-' * 7} {'-' * 8}",
     ]
     for t in sorted(results.throughput, key=lambda t: (t.associations, ROWS.index(t.receiver))):
-        each = [r.images_per_s for r in results.runs if r.receiver == t.receiver and r.associations == t.associations]
+        each = results.rates(t.receiver, t.associations)
         runs = " (runs: " + ", ".join(f"{x:.1f}" for x in each) + ")" if len(each) > 1 else ""
         lines.append(f"{t.receiver:<12} {t.associations:>6} {t.images_per_s:>9.1f} {t.mb_per_s:>7.1f} {t.seconds:>8.2f}{runs}")
     lines += [
