@@ -245,3 +245,25 @@ def metric(source: EdgedProcess | str, name: str, **labels: str) -> float:
     label set has not been seen yet."""
     value = sample(source if isinstance(source, str) else metrics_text(source), name, **labels)
     return 0.0 if value is None else value
+
+
+def cached_pages(path: Path) -> int:
+    """How many of ``path``'s pages are in the page cache now (Linux ``mincore``)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    with path.open("rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+        start = ctypes.c_char.from_buffer(mm)  # a private mapping: mincore reports the file's cached pages
+        try:
+            if libc.mincore(ctypes.addressof(start), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del start
+    return sum(b & 1 for b in vec)

@@ -65,7 +65,7 @@ from edged.errors import EdgedError, JournalError, OutOfResourcesError
 from edged.metrics import Metrics
 from edged.pipeline.router import Router
 from edged.spool.commit import GroupCommit
-from edged.spool.journal import InstanceRecord, Journal
+from edged.spool.journal import InstanceRecord, Journal, Route
 from edged.spool.store import Spool
 
 log = logging.getLogger("edged.scp")
@@ -293,14 +293,21 @@ class StoreHandler:
             meta = _PREAMBLE + pynetdicom_encode_file_meta(event.file_meta)
         relpath = self.spool.relpath_for(header.sop_instance_uid)
         size = len(meta) + len(stream)
+        routes = self._routes(header)
         try:
-            self.spool.write_placed(relpath, meta, stream)
+            self.spool.write_placed(relpath, meta, stream, keep_cached=bool(routes))
         except OSError as exc:
             return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
                               resource="disk", errno=exc.errno)
-        return self._record(event.assoc, stats, header, ts, relpath, size)
+        return self._record(event.assoc, stats, header, ts, relpath, size, routes)
 
-    def _record(self, assoc: Any, stats: _AssocStats, header: Header, ts: str, relpath: str, size: int) -> int | Dataset:
+    def _routes(self, header: Header) -> list[Route]:
+        """The engines that will read this instance. None: once durable, its file's pages may leave the
+        page cache (:meth:`edged.spool.store.Spool.place`); some: the pipeline reads it soon, keep them."""
+        return self.router.route(header) if self.router is not None else []
+
+    def _record(self, assoc: Any, stats: _AssocStats, header: Header, ts: str, relpath: str, size: int,
+                routes: list[Route]) -> int | Dataset:
         """Commit a placed (fsynced) file's journal row with its directory; Success, or the file goes."""
         record = InstanceRecord(
             sop_instance_uid=header.sop_instance_uid,
@@ -314,7 +321,6 @@ class StoreHandler:
             path=relpath,
             expected_count=header.images_in_acquisition,
         )
-        routes = self.router.route(header) if self.router is not None else []
         try:
             # The directory fsync and the journal row, shared with every association committing now.
             self.committer.commit(record, routes)
@@ -377,13 +383,14 @@ class StoreHandler:
             if failed is not None:
                 return failed
             relpath = self.spool.relpath_for(header.sop_instance_uid)
+            routes = self._routes(header)
             fd, tmp = inc.take()
             try:
-                self.spool.place(fd, tmp, relpath)
+                self.spool.place(fd, tmp, relpath, keep_cached=bool(routes))
             except OSError as exc:
                 return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
                                   resource="disk", errno=exc.errno)
-            return self._record(assoc, stats, header, inc.transfer_syntax, relpath, inc.size)
+            return self._record(assoc, stats, header, inc.transfer_syntax, relpath, inc.size, routes)
 
         failed = inc.failed
         return self._checked(stats, inc.abstract_syntax, inc.command.sop_instance_uid, read, inc.size - inc.meta_len,

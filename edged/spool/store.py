@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edged.errors import SpoolError
+from edged.spool.writeback import drop_cached
 
 SPOOL_DIR = "spool"
 INSTANCES_DIR = "instances"
@@ -124,7 +125,7 @@ class Spool:
         os.close(fd)
         return tmp
 
-    def write_placed(self, relpath: str, *parts: bytes | memoryview) -> Path:
+    def write_placed(self, relpath: str, *parts: bytes | memoryview, keep_cached: bool = True) -> Path:
         """Write ``parts`` to a temp file, rename it to ``relpath`` and fsync it; the directory is *not*
         fsynced: the caller does that (once for a group, see :mod:`edged.spool.commit`) before it records
         or acknowledges the file.
@@ -134,6 +135,7 @@ class Spool:
         A crash before the journal row is committed may leave a file (even an incomplete one) under its
         final name: it has no journal row, was never acknowledged, and :meth:`reconcile` removes it at
         the next start. On error nothing is left behind and :class:`OSError` is raised.
+        ``keep_cached=False``: see :meth:`place`.
         """
         fd, tmp = self.open_temp()
         try:
@@ -141,7 +143,7 @@ class Spool:
         except BaseException:
             self.abandon(fd, tmp)
             raise
-        return self.place(fd, tmp, relpath)
+        return self.place(fd, tmp, relpath, keep_cached=keep_cached)
 
     def open_temp(self) -> tuple[int, Path]:
         """A new, empty temp file opened for reading and writing (for a dataset written as it arrives):
@@ -152,10 +154,14 @@ class Spool:
         tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}{TMP_SUFFIX}"
         return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640), tmp
 
-    def place(self, fd: int, tmp: Path, relpath: str) -> Path:
+    def place(self, fd: int, tmp: Path, relpath: str, *, keep_cached: bool = True) -> Path:
         """Rename a temp file from :meth:`open_temp` to ``relpath``, fsync it and close it: what
         :meth:`write_placed` does after writing (the directory is *not* fsynced). On error nothing is
-        left behind, ``fd`` is closed and :class:`OSError` is raised."""
+        left behind, ``fd`` is closed and :class:`OSError` is raised.
+
+        ``keep_cached=False`` (a file nothing will read soon: no engine routes the instance) lets the
+        file's pages leave the page cache once it is fsynced (:func:`edged.spool.writeback.drop_cached`).
+        """
         final = self.storage_dir / relpath
         placed = False
         try:
@@ -169,6 +175,8 @@ class Spool:
             else:
                 self.discard(tmp)
             raise
+        if not keep_cached:
+            drop_cached(fd)
         os.close(fd)
         return final
 

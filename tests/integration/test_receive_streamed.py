@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 from io import BytesIO
 from pathlib import Path
 
@@ -24,10 +25,11 @@ import rawpdu as R
 import rawscu
 from pydicom.data import get_testdata_files
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from support import EdgedProcess, eventually, require_tool, run
+from support import EdgedProcess, cached_pages, eventually, require_tool, run
 
 from edged.dicom import status
 from edged.dicom.filemeta import encode_file_meta
+from edged.spool.store import Spool
 from edged.synthetic import write_ct_series
 
 CT = R.CT_IMAGE_STORAGE
@@ -82,6 +84,22 @@ def test_storescu_pdu_sizes_and_transfer_syntaxes(edged: EdgedProcess, slices: l
             assert_stored_exactly(edged, CT, str(original.SOPInstanceUID), EXPLICIT, data)
     assert edged.temp_files() == []
     assert f"stored={len(slices)}" in edged.log_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache residency is read with Linux mincore")
+def test_a_slice_no_engine_reads_is_not_left_in_the_page_cache(edged: EdgedProcess, slices: list[Path]) -> None:
+    # 128x128 slices: below the demo models' minimum size, so no engine routes them and nothing will read
+    # their files soon; each leaves the page cache once durable, whole on disk.
+    res = run([require_tool("storescu"), "-aec", "EDGED", "127.0.0.1", str(edged.port), *map(str, slices[:4])])
+    assert res.returncode == 0, res.stderr
+    rows = edged.rows()
+    assert len(rows) == 4
+    assert {r["state"] for r in rows} == {"done"}  # no engine routes them: nothing left to do on arrival
+    assert [cached_pages(edged.storage / r["path"]) for r in rows] == [0] * 4
+    for path in slices[:4]:
+        original = pydicom.dcmread(path)
+        stored = pydicom.dcmread(edged.storage / Spool.relpath_for(str(original.SOPInstanceUID)))
+        assert stored == original and stored.PixelData == original.PixelData
 
 
 # -- the pydicom corpus, byte for byte ---------------------------------------------------------------

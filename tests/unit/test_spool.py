@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
+from support import cached_pages
 
 from edged.spool.store import Spool
 
@@ -69,3 +72,14 @@ def test_placed_file_without_journal_row_is_removed_at_reconcile(tmp_path: Path)
     report = Spool(tmp_path).reconcile(set())
     assert report.removed_unrecorded == 1
     assert not (tmp_path / rel).exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache residency is read with Linux mincore")
+def test_a_file_nothing_reads_soon_leaves_the_page_cache_once_durable(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    body = memoryview(os.urandom(256 * 1024))
+    kept = spool.write_placed(spool.relpath_for("3.1"), b"head", body)
+    dropped = spool.write_placed(spool.relpath_for("3.2"), b"head", body, keep_cached=False)
+    assert cached_pages(kept) > 0  # an engine will read it: still cached
+    assert cached_pages(dropped) == 0
+    assert dropped.read_bytes() == b"head" + bytes(body)  # advice only: the bytes are all there
