@@ -303,7 +303,8 @@ class StoreHandler:
 
     def _routes(self, header: Header) -> list[Route]:
         """The engines that will read this instance. None: once durable, its file's pages may leave the
-        page cache (:meth:`edged.spool.store.Spool.place`); some: the pipeline reads it soon, keep them."""
+        page cache (:mod:`edged.spool.writeback`; the streamed path lets them go after its response, the
+        in-memory path when it places the file); some: the pipeline reads it soon, so they stay."""
         return self.router.route(header) if self.router is not None else []
 
     def _record(self, assoc: Any, stats: _AssocStats, header: Header, ts: str, relpath: str, size: int,
@@ -386,10 +387,12 @@ class StoreHandler:
             routes = self._routes(header)
             fd, tmp = inc.take()
             try:
-                self.spool.place(fd, tmp, relpath, keep_cached=bool(routes))
+                final = self.spool.place(fd, tmp, relpath)
             except OSError as exc:
                 return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
                                   resource="disk", errno=exc.errno)
+            if not routes:  # nothing reads it soon: its pages go once the response is out
+                inc.uncache = final
             return self._record(assoc, stats, header, inc.transfer_syntax, relpath, inc.size, routes)
 
         failed = inc.failed

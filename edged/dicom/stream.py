@@ -72,7 +72,7 @@ from edged.dicom.contexts import require_pynetdicom
 from edged.dicom.fastdimse import store_success_command
 from edged.dicom.filemeta import encode_file_meta
 from edged.dicom.guard import GuardedDUL
-from edged.spool.writeback import start_writeback
+from edged.spool.writeback import drop_cached_path, start_writeback
 
 TESTED = ("3.0.",)
 require_pynetdicom(__name__, TESTED, "check the internals its docstring lists")
@@ -200,6 +200,9 @@ class Incoming:
     error: OSError | None = None
     over_budget: bool = False
     head: bytearray = field(default_factory=bytearray)  # the data set's first HEAD bytes
+    #: Set by the sink for a file it placed that nothing will read soon: its pages are let go from the
+    #: page cache once the response has been sent (:func:`edged.spool.writeback.drop_cached_path`).
+    uncache: Path | None = None
 
     @property
     def failed(self) -> bool:
@@ -400,7 +403,15 @@ class StreamingDUL(GuardedDUL):
         return msg
 
     def _finish(self, msg: Incoming) -> None:
-        """The data set is complete: store it, then answer."""
+        """The data set is complete: store it, then answer; then let go of its cached pages if the sink
+        asked (off the path the sender waits on)."""
+        try:
+            self._store_and_answer(msg)
+        finally:
+            if msg.uncache is not None:
+                drop_cached_path(msg.uncache)
+
+    def _store_and_answer(self, msg: Incoming) -> None:
         try:
             result = self._sink.store_streamed(self.assoc, msg)
         except Exception:  # as pynetdicom: a handler that raises answers 0xC211

@@ -72,3 +72,18 @@ def drop_cached(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
+
+
+def drop_cached_path(path: str | os.PathLike[str]) -> None:
+    """:func:`drop_cached` for a file by name (one already fsynced and closed); a file gone meanwhile is
+    not an error."""
+    if not CAN_DROP:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        drop_cached(fd)
+    finally:
+        os.close(fd)
