@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from edged.synthetic import write_ct_series
 
@@ -331,6 +331,46 @@ def running(receiver: Receiver) -> Iterator[Receiver]:
 # -- measurements ------------------------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DiskCounters:
+    """A block device's cache-flush counters (or the difference of two readings)."""
+
+    flushes: int
+    flush_ms: int
+
+    def __sub__(self, other: "DiskCounters") -> "DiskCounters":
+        return DiskCounters(self.flushes - other.flushes, self.flush_ms - other.flush_ms)
+
+
+def disk_counters(path: Path, sys_root: Path = Path("/sys")) -> DiskCounters | None:
+    """Cache flushes completed by the block device that holds ``path``, and the milliseconds spent on them:
+    fields 16 and 17 of ``/sys/dev/block/MAJ:MIN/stat`` (Linux 5.5 and later; a partition's flushes are
+    counted on its disk). Every fsync that must reach stable storage costs one unless the kernel merges it
+    with another in flight. None where there is no such device or counter (tmpfs, overlay, an older kernel)."""
+    st = os.stat(path)
+    base = sys_root / "dev" / "block" / f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        if (base / "partition").exists():
+            base = base.resolve().parent
+        fields = (base / "stat").read_text().split()
+    except OSError:
+        return None
+    if len(fields) < 17:
+        return None
+    return DiskCounters(int(fields[15]), int(fields[16]))
+
+
+def _counted(path: Path, run: Callable[[], T]) -> tuple[T, DiskCounters | None]:
+    """``run()``'s result, and the flushes of ``path``'s device while it ran."""
+    before = disk_counters(path)
+    result = run()
+    after = disk_counters(path)
+    return result, (after - before if before is not None and after is not None else None)
+
+
 @dataclass
 class FileTimes:
     """Seconds a durable write loop spent in each step, summed over its files (over every writer thread)."""
@@ -364,6 +404,13 @@ class Throughput:
     seconds: float
     megabytes: float
     per_file: FileTimes | None = None  # the disk loops only
+    #: the work dir's block device during the measurement: cache flushes completed, and the ms it spent on
+    #: them (:func:`disk_counters`); None where the kernel does not count them
+    device: DiskCounters | None = None
+
+    @property
+    def flushes_per_image(self) -> float | None:
+        return self.device.flushes / self.images if self.device is not None else None
 
     @property
     def images_per_s(self) -> float:
@@ -374,8 +421,11 @@ class Throughput:
         return self.megabytes / self.seconds
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "per_file"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("per_file", "device")}
         out.update(images_per_s=round(self.images_per_s, 2), mb_per_s=round(self.mb_per_s, 2))
+        if self.device is not None:
+            out["device_flushes"] = self.device.flushes
+            out["device_flush_ms"] = self.device.flush_ms
         if self.per_file is not None:
             out["ms_per_file"] = {k: round(v, 4) for k, v in self.per_file.ms_per_file().items()}
         return out
@@ -471,11 +521,12 @@ def send(tools: Tools, receiver: Receiver, files: Sequence[Path], associations: 
 def measure_receiver(receiver: Receiver, tools: Tools, files: Sequence[Path], associations: int,
                      megabytes: float, logdir: Path) -> Throughput:
     with running(receiver):
-        seconds = send(tools, receiver, files, associations, logdir)
+        # logdir is in the run's work dir, on the same device as every receiver's storage
+        seconds, device = _counted(logdir, lambda: send(tools, receiver, files, associations, logdir))
         stored = receiver.stored()
     if stored != len(files):
         raise BenchError(f"{receiver.name} stored {stored} of {len(files)} images ({associations} association(s))")
-    return Throughput(receiver.name, associations, len(files), seconds, megabytes)
+    return Throughput(receiver.name, associations, len(files), seconds, megabytes, device=device)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -567,11 +618,15 @@ def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megab
         _create_journal(db)
     _fsync_dir(workdir)
     chunks = [c for c in split(files, threads) if c]
+
+    def loop() -> list[FileTimes]:
+        with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+            futures = [pool.submit(_durable_write_loop, chunk, tmp_dir, dest_dir, f"w{i}", db)
+                       for i, chunk in enumerate(chunks)]
+            return [f.result() for f in futures]
+
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-        futures = [pool.submit(_durable_write_loop, chunk, tmp_dir, dest_dir, f"w{i}", db)
-                   for i, chunk in enumerate(chunks)]
-        times = [f.result() for f in futures]
+    times, device = _counted(workdir, loop)
     seconds = time.perf_counter() - t0
     label = "disk+journal" if journal else "disk limit"
     written = sum(1 for _ in dest_dir.iterdir())
@@ -581,7 +636,7 @@ def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megab
         rows = journal_rows(db)
         if rows != len(files):
             raise BenchError(f"{label} loop committed {rows} of {len(files)} rows")
-    return Throughput(label, threads, len(files), seconds, megabytes, per_file=sum(times, FileTimes()))
+    return Throughput(label, threads, len(files), seconds, megabytes, per_file=sum(times, FileTimes()), device=device)
 
 
 def journal_rows(db: Path) -> int:
@@ -841,16 +896,19 @@ def report(results: Results) -> str:
         f"DCMTK: {results.dcmtk}",
         f"note: {NOTE}",
         "",
-        f"{'receiver':<12} {'assoc.':>6} {'images/s':>9} {'MB/s':>7} {'seconds':>8}",
-        f"{'-' * 12} {'-' * 6} {'-' * 9} {'-' * 7} {'-' * 8}",
+        f"{'receiver':<12} {'assoc.':>6} {'images/s':>9} {'MB/s':>7} {'seconds':>8} {'flushes/img':>11}",
+        f"{'-' * 12} {'-' * 6} {'-' * 9} {'-' * 7} {'-' * 8} {'-' * 11}",
     ]
     for t in sorted(results.throughput, key=lambda t: (t.associations, ROWS.index(t.receiver))):
         each = results.rates(t.receiver, t.associations)
         runs = " (runs: " + ", ".join(f"{x:.1f}" for x in each) + ")" if len(each) > 1 else ""
-        lines.append(f"{t.receiver:<12} {t.associations:>6} {t.images_per_s:>9.1f} {t.mb_per_s:>7.1f} {t.seconds:>8.2f}{runs}")
+        flushes = f"{t.flushes_per_image:.2f}" if t.flushes_per_image is not None else "n/a"
+        lines.append(f"{t.receiver:<12} {t.associations:>6} {t.images_per_s:>9.1f} {t.mb_per_s:>7.1f} {t.seconds:>8.2f} "
+                     f"{flushes:>11}{runs}")
     lines += [
         "(disk limit: same files, temp file + fsync + rename + directory fsync in a loop; 'assoc.' = parallel writer threads;",
-        " disk+journal: that loop again, each file then committed as a row of a SQLite journal, WAL, synchronous=FULL)",
+        " disk+journal: that loop again, each file then committed as a row of a SQLite journal, WAL, synchronous=FULL;",
+        " flushes/img: cache flushes the work dir's disk completed during that best round, per image, whoever asked)",
         f"(best of {results.repeat} round(s); in each round every receiver ran once, one after the other)",
         "",
         f"{'assoc.':>6} {'edged/orthanc':>14} {'edged/storescp':>15} {'edged/disk-limit':>17}   ({results.cpu_count} CPU cores)",

@@ -1,4 +1,5 @@
-"""The figures benchmarks/ingest.py derives: the ordered bound at 1 association and its ratios (< 1 s).
+"""The figures benchmarks/ingest.py derives: the ordered bound at 1 association and its ratios, and the
+disk's cache flushes per image (< 1 s).
 
 The benchmark itself needs DCMTK and minutes; these check its arithmetic on made-up throughput figures and
 per-file flush timings, and run its disk+journal loop on three tiny files.
@@ -164,3 +165,60 @@ def test_round_ratios_pair_each_round_and_differ_from_the_ratio_of_the_bests() -
     assert "1 assoc., edged/disk-limit round by round: 0.50x, 0.80x, 0.40x (median 0.50x)" in text
     assert "1 assoc., edged/orthanc round by round: 1.50x, 2.50x, 1.60x (median 1.60x)" in text
     assert "4 assoc., edged/disk-limit round by round" not in text  # one round: nothing to add
+
+
+# -- cache flushes of the work dir's disk -------------------------------------------------------------
+
+def _fake_sysfs(root: Path, path: Path, stat: str, *, partition: bool = False) -> Path:
+    """A /sys where ``path``'s device has the block stat line ``stat`` (on its parent disk if ``partition``)."""
+    st = path.stat()
+    disk = root / "devices" / "vda"
+    dev = disk / "vda1" if partition else disk
+    dev.mkdir(parents=True)
+    (disk / "stat").write_text(stat)
+    if partition:
+        (dev / "partition").write_text("1\n")
+        (dev / "stat").write_text(" ".join(["0"] * 17))  # a partition's own flush count stays 0
+    (root / "dev" / "block").mkdir(parents=True)
+    (root / "dev" / "block" / f"{ingest.os.major(st.st_dev)}:{ingest.os.minor(st.st_dev)}").symlink_to(dev)
+    return root
+
+
+# reads, merges, sectors, ticks; writes, merges, sectors, ticks; in flight, io ticks, queue;
+# discards (4 fields); flushes 1234, flush ms 567
+STAT = "10 0 80 5 20 0 160 9 0 14 14 0 0 0 0 1234 567\n"
+
+
+@pytest.mark.parametrize("partition", [False, True])
+def test_disk_counters_read_the_flush_fields_of_the_disk(tmp_path: Path, partition: bool) -> None:
+    sys_root = _fake_sysfs(tmp_path / "sys", tmp_path, STAT, partition=partition)
+    assert ingest.disk_counters(tmp_path, sys_root) == ingest.DiskCounters(1234, 567)
+
+
+def test_disk_counters_none_without_the_counters(tmp_path: Path) -> None:
+    assert ingest.disk_counters(tmp_path, tmp_path / "no-sys") is None
+    old_kernel = _fake_sysfs(tmp_path / "sys", tmp_path, "10 0 80 5 20 0 160 9 0 14 14\n")  # 11 fields: no flushes
+    assert ingest.disk_counters(tmp_path, old_kernel) is None
+
+
+def test_flushes_per_image_in_the_table_and_json() -> None:
+    t = Throughput("edged", 1, 100, 0.5, 51.3, device=ingest.DiskCounters(flushes=302, flush_ms=140))
+    r = _results(t, _ips("disk limit", 400.0))
+    assert t.flushes_per_image == pytest.approx(3.02)
+    table = ingest.report(r).splitlines()
+    header = next(line for line in table if line.startswith("receiver"))
+    assert header.split()[-1] == "flushes/img"
+    rows = table[table.index(header) + 2:]
+    assert next(line for line in rows if line.startswith("edged ")).split()[5] == "3.02"
+    assert next(line for line in rows if line.startswith("disk limit ")).split()[6] == "n/a"  # not counted
+    row = ingest.to_json(r)["throughput"][0]
+    assert (row["device_flushes"], row["device_flush_ms"]) == (302, 140)
+
+
+def test_the_disk_loop_counts_its_device_while_it_runs(tmp_path: Path) -> None:
+    files = _tiny_files(tmp_path)
+    t = ingest.measure_disk_limit(files, 1, tmp_path / "disk", 0.012)
+    if ingest.disk_counters(tmp_path) is None:
+        assert t.device is None  # tmpfs, overlay or an older kernel: nothing to count
+    else:
+        assert t.device is not None and t.device.flushes >= 0 and t.device.flush_ms >= 0
