@@ -36,6 +36,8 @@ overridden) takes the common message off that path and does it in the DUL's own 
    does the response go out, from this thread: Success as a ready-made PDU
    (:func:`edged.dicom.fastdimse.store_success_command`), any other status through pynetdicom's DIMSE
    encoder. Nothing is acknowledged before its file, its directory entry and its row are durable.
+   Then, for an instance no engine routes, the file's pages are let go from the page cache
+   (:func:`edged.spool.writeback.drop_cached_path`), while the sender prepares its next message.
 5. Anything that ends a message early (another PDU type, a violation, the connection closing, the
    association aborted, the reactor stopping) removes its temp file: no partial file, no row.
 

@@ -18,8 +18,11 @@ A received instance no engine reads would otherwise stay in the page cache until
 the next slice would be written into memory the kernel has to take from its free pool: on a virtual
 machine whose host reclaims free guest memory (balloon free-page reporting, as on the machines edged is
 measured on) touching such memory is slow. Measured there with 513 KB slices: ``write`` 1.2 ms into
-fresh pages, 0.18 ms when the previous files' pages were dropped (``benchmarks/README.md``). It is
-advice: it cannot lose data and changes no guarantee; where it does not exist it does nothing.
+fresh pages, 0.18 ms when the previous files' pages were dropped (``benchmarks/README.md``; no
+difference once memory freed by earlier work is being reused). The call itself takes ~70 us for such a
+file, so the streamed path makes it after its response has gone (:func:`drop_cached_path`), while the
+sender prepares its next message. It is advice: it cannot lose data and changes no guarantee; where it
+does not exist it does nothing.
 """
 
 from __future__ import annotations
