@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from edged.spool.store import fsync_dir
 from edged.synthetic import write_ct_series
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -529,14 +530,6 @@ def measure_receiver(receiver: Receiver, tools: Tools, files: Sequence[Path], as
     return Throughput(receiver.name, associations, len(files), seconds, megabytes, device=device)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 JOURNAL_FILE = "journal.sqlite3"
 
 
@@ -580,7 +573,7 @@ def _durable_write_loop(files: Sequence[Path], tmp_dir: Path, dest_dir: Path, ta
             finally:
                 os.close(fd)
             os.replace(tmp, dest)
-            _fsync_dir(dest_dir)
+            fsync_dir(dest_dir)
             t_durable = clock()
             if conn is not None:
                 conn.execute("BEGIN IMMEDIATE")
@@ -616,7 +609,7 @@ def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megab
     db = workdir / JOURNAL_FILE if journal else None
     if db is not None:
         _create_journal(db)
-    _fsync_dir(workdir)
+    fsync_dir(workdir)
     chunks = [c for c in split(files, threads) if c]
 
     def loop() -> list[FileTimes]:
