@@ -669,18 +669,35 @@ def tool_start_ms(tools: Tools, repeats: int) -> float:
 # -- the run -----------------------------------------------------------------------------------------
 
 
-def filesystem_of(path: Path) -> str:
-    """The mount's filesystem type for ``path`` (from /proc/mounts; 'unknown' elsewhere)."""
+def filesystem_of(path: Path, *, mounts_file: Path = Path("/proc/mounts"), sys_root: Path = Path("/sys")) -> str:
+    """The mount's filesystem type for ``path`` (from /proc/mounts; 'unknown' elsewhere), and for ext4
+    whether it runs without a journal (``/sys/fs/ext4/<device>/journal_task`` reads ``<none>``).
+
+    Without a journal, ext4's fsync writes the file's inode block itself (one 4 KB block holds 16
+    inodes, so concurrent fsyncs of files created together queue on it) and creating a file skips,
+    one by one, every inode freed in the last minutes (``recently_deleted``): a run started right after
+    another, which deleted thousands of files, creates its files more slowly.
+    """
     try:
-        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+        mounts = [line.split() for line in mounts_file.read_text().splitlines()]
     except OSError:
         return "unknown"
-    best, fstype = "", "unknown"
+    best, fstype, source = "", "unknown", ""
     real = os.path.realpath(path)
     for m in mounts:
         if len(m) >= 3 and (real == m[1] or real.startswith(m[1].rstrip("/") + "/")) and len(m[1]) >= len(best):
-            best, fstype = m[1], m[2]
-    return f"{fstype} ({best})" if best else fstype
+            best, fstype, source = m[1], m[2], m[0]
+    if not best:
+        return fstype
+    if fstype == "ext4" and source.startswith("/dev/"):
+        device = os.path.basename(os.path.realpath(source))  # /dev/mapper/x -> dm-0, as sysfs names it
+        try:
+            task = (sys_root / "fs" / "ext4" / device / "journal_task").read_text().strip()
+        except OSError:
+            task = ""
+        if task == "<none>":
+            return f"{fstype} ({best}, no journal)"
+    return f"{fstype} ({best})"
 
 
 def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results:

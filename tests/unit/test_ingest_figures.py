@@ -222,3 +222,18 @@ def test_the_disk_loop_counts_its_device_while_it_runs(tmp_path: Path) -> None:
         assert t.device is None  # tmpfs, overlay or an older kernel: nothing to count
     else:
         assert t.device is not None and t.device.flushes >= 0 and t.device.flush_ms >= 0
+
+
+@pytest.mark.parametrize(("task", "expected"), [("<none>\n", "ext4 (/srv, no journal)"), ("1234\n", "ext4 (/srv)"),
+                                                (None, "ext4 (/srv)")])
+def test_filesystem_says_when_ext4_has_no_journal(tmp_path: Path, task: str | None, expected: str) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\n/dev/vdb /srv ext4 rw 0 0\ntmpfs /srv/t tmpfs rw 0 0\n")
+    sysfs = tmp_path / "sys"
+    (sysfs / "fs" / "ext4" / "vda").mkdir(parents=True)
+    (sysfs / "fs" / "ext4" / "vda" / "journal_task").write_text("<none>\n")  # another disk's: not read
+    if task is not None:
+        (sysfs / "fs" / "ext4" / "vdb").mkdir(parents=True)
+        (sysfs / "fs" / "ext4" / "vdb" / "journal_task").write_text(task)
+    assert ingest.filesystem_of(Path("/srv/data"), mounts_file=mounts, sys_root=sysfs) == expected
+    assert ingest.filesystem_of(Path("/srv/t/x"), mounts_file=mounts, sys_root=sysfs) == "tmpfs (/srv/t)"
