@@ -35,6 +35,10 @@ STAGES = ("preprocess", "queue_wait", "inference", "postprocess", "commit", "obj
 CPU_STAGES = ("receive", "control", "preprocess", "inference", "postprocess", "commit", "object_write", "delivery")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+#: Steps of a streamed C-STORE, from ~0.1 ms (a check) to seconds (an fsync on a failing disk).
+_STEP = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0)
+#: The steps of ``edged_store_step_seconds``, in the order a data set meets them.
+STORE_STEPS = ("receive", "checks", "fsync", "commit", "respond")
 _END_TO_END = (0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1800)
 
 
@@ -181,6 +185,14 @@ class Metrics:
             "Time to answer a received C-STORE data set (decode header, write, fsync, journal commit; "
             "a data set streamed to the spool was written as it arrived, before this starts).",
             buckets=_LATENCY, registry=r)
+        self.store_step_seconds = Histogram(
+            "edged_store_step_seconds",
+            "Wall time of each step of a streamed C-STORE that was stored and answered Success: receive (from"
+            " the command set to the data set's last fragment, written to a temp file as it arrived),"
+            " checks (header, duplicate lookup, free space), fsync (rename into the spool and the file's"
+            " fsync), commit (waiting for and running the group commit: directory fsync, journal"
+            " transaction; then the audit line), respond (until the response is sent).",
+            ["step"], buckets=_STEP, registry=r)
         # -- pipeline
         self.jobs = Counter("edged_jobs_total", "Jobs finished, by model and result (done, failed, dead).",
                             ["model", "result"], registry=r)

@@ -13,7 +13,9 @@ that order, with the same statuses, logs, metrics and audit records):
   C-STORE's data set to a spool temp file as its fragments arrive and calls
   :meth:`StoreHandler.store_streamed` after the last one; the header is read from the head of that file.
   ``edged_store_seconds`` then times the work after the last fragment (header, checks, rename, fsync,
-  commit); the ``receive`` CPU counter includes the writes done while the data set arrived.
+  commit); the ``receive`` CPU counter includes the writes done while the data set arrived; and for
+  each data set stored, ``edged_store_step_seconds`` times each step from its command set to its
+  response (:meth:`StoreHandler.answered`): where an association's time goes, the sender's or the disk's.
 * **In memory** (:meth:`StoreHandler.on_store`, bound to ``EVT_C_STORE``): whatever pynetdicom assembles
   itself (a peer whose maximum PDU cannot hold a one-PDV response, odd command sets, an association
   with PDU/DIMSE event handlers bound).
@@ -62,7 +64,7 @@ from edged.dicom.server import ListeningServer, start_server
 from edged.dicom.stream import Incoming
 from edged.dicom.header import Header, HeaderError, read_header, read_header_at, read_header_head
 from edged.errors import EdgedError, JournalError, OutOfResourcesError
-from edged.metrics import Metrics
+from edged.metrics import STORE_STEPS, Metrics
 from edged.pipeline.router import Router
 from edged.spool.commit import GroupCommit
 from edged.spool.journal import InstanceRecord, Journal, Route
@@ -125,6 +127,7 @@ class StoreHandler:
         self.min_free_bytes = min_free_bytes
         self.max_pending = max_pending
         self.metrics = metrics
+        self._steps = [metrics.store_step_seconds.labels(step) for step in STORE_STEPS]
         self._uid_locks = [threading.Lock() for _ in range(_UID_LOCK_STRIPES)]
         self._assoc_seq = 0
         self._seq_lock = threading.Lock()
@@ -347,6 +350,15 @@ class StoreHandler:
 
     # -- C-STORE, streamed (edged.dicom.stream) -----------------------------------------------------
 
+    def answered(self, inc: Incoming, sent: float) -> None:
+        """A streamed data set's response went out at ``sent``: if it was stored (not a duplicate, not
+        refused), observe its steps (``edged_store_step_seconds``)."""
+        if not inc.t_committed:
+            return
+        ends = (inc.t_command, inc.t_last, inc.t_checked, inc.t_placed, inc.t_committed, sent)
+        for child, start, end in zip(self._steps, ends, ends[1:]):
+            child.observe(end - start)
+
     def store_streamed(self, assoc: Any, incoming: Incoming) -> int | Dataset:
         """What :meth:`on_store` does, for a data set the DUL has written to a temp file as it arrived
         (:mod:`edged.dicom.stream`): the same checks in the same order, then the file is renamed into
@@ -386,14 +398,19 @@ class StoreHandler:
             relpath = self.spool.relpath_for(header.sop_instance_uid)
             routes = self._routes(header)
             fd, tmp = inc.take()
+            inc.t_checked = time.perf_counter()
             try:
                 final = self.spool.place(fd, tmp, relpath)
             except OSError as exc:
                 return self._fail(stats, status.OUT_OF_RESOURCES, "spool write failed",
                                   resource="disk", errno=exc.errno)
+            inc.t_placed = time.perf_counter()
             if not routes:  # nothing reads it soon: its pages go once the response is out
                 inc.uncache = final
-            return self._record(assoc, stats, header, inc.transfer_syntax, relpath, inc.size, routes)
+            result = self._record(assoc, stats, header, inc.transfer_syntax, relpath, inc.size, routes)
+            if isinstance(result, int) and result == status.SUCCESS:
+                inc.t_committed = time.perf_counter()
+            return result
 
         failed = inc.failed
         return self._checked(stats, inc.abstract_syntax, inc.command.sop_instance_uid, read, inc.size - inc.meta_len,

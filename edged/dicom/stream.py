@@ -161,6 +161,8 @@ class StreamSink(Protocol):
 
     def store_streamed(self, assoc: Any, incoming: "Incoming") -> Any: ...  # status (int) or Dataset
 
+    def answered(self, incoming: "Incoming", sent: float) -> None: ...  # the response went out at ``sent``
+
     def on_store(self, event: Any) -> Any: ...  # the C-STORE handler the listener binds
 
 
@@ -205,6 +207,14 @@ class Incoming:
     #: Set by the sink for a file it placed that nothing will read soon: its pages are let go from the
     #: page cache once the response has been sent (:func:`edged.spool.writeback.drop_cached_path`).
     uncache: Path | None = None
+    #: ``time.perf_counter()`` at each step's end (0.0: not reached): the command set complete, the last
+    #: fragment written, the checks passed, the file placed and fsynced, committed; the sink sets the
+    #: last three, and reports them once the response is out (``edged_store_step_seconds``).
+    t_command: float = 0.0
+    t_last: float = 0.0
+    t_checked: float = 0.0
+    t_placed: float = 0.0
+    t_committed: float = 0.0
 
     @property
     def failed(self) -> bool:
@@ -400,20 +410,24 @@ class StreamingDUL(GuardedDUL):
         except UnicodeEncodeError:
             return None
         msg = Incoming(context_id, command.sop_class_uid, ts, command, success, self._sink.spool,
-                       cpu0=time.thread_time())
+                       cpu0=time.thread_time(), t_command=time.perf_counter())
         msg.open(meta, self._sink.min_free_bytes)
         return msg
 
     def _finish(self, msg: Incoming) -> None:
         """The data set is complete: store it, then answer; then let go of its cached pages if the sink
         asked (off the path the sender waits on)."""
+        msg.t_last = time.perf_counter()
         try:
-            self._store_and_answer(msg)
+            if self._store_and_answer(msg):
+                self._sink.answered(msg, time.perf_counter())
         finally:
             if msg.uncache is not None:
                 drop_cached_path(msg.uncache)
 
-    def _store_and_answer(self, msg: Incoming) -> None:
+    def _store_and_answer(self, msg: Incoming) -> bool:
+        """Store the data set and send (or queue) its response; False if the association was aborted
+        meanwhile (nothing to answer)."""
         try:
             result = self._sink.store_streamed(self.assoc, msg)
         except Exception:  # as pynetdicom: a handler that raises answers 0xC211
@@ -421,13 +435,13 @@ class StreamingDUL(GuardedDUL):
             msg.abandon()
             result = 0xC211
         if self.state_machine.current_state != "Sta6":
-            return  # aborted meanwhile: nothing to answer
+            return False  # aborted meanwhile: nothing to answer
         if isinstance(result, int) and result == 0x0000 and not self.to_provider_queue.qsize():
             # Control header 0x03: command set, last fragment. One PDV, one PDU (checked in _start).
             pdv = struct.pack(">LBB", len(msg.success) + 2, msg.context_id, 0x03) + msg.success
             assert self.socket is not None
             self.socket.send(struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv)
-            return
+            return True
         rsp = C_STORE()
         rsp.MessageID = msg.command.message_id
         rsp.MessageIDBeingRespondedTo = msg.command.message_id
@@ -435,6 +449,7 @@ class StreamingDUL(GuardedDUL):
         rsp.AffectedSOPClassUID = msg.command.sop_class_uid
         rsp = StorageServiceClass(self.assoc).validate_status(result, rsp)
         self.assoc.dimse.send_msg(rsp, msg.context_id)  # queued: the reactor sends it next
+        return True
 
     def _forward(self, items: list[tuple[int, int, bytes]]) -> None:
         """Hand PDV items to pynetdicom as one P-DATA-TF, as if it had read them itself."""

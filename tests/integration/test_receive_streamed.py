@@ -7,6 +7,7 @@
 * Hand-made PDU layouts: the command set and the data set in one PDU, the command split across PDUs,
   empty fragments, a C-ECHO between two C-STOREs on one association, a peer whose maximum PDU is too
   small for a one-PDV response (pynetdicom's path).
+* Each stored data set times its steps (``edged_store_step_seconds``); duplicates do not.
 * A message that never ends (A-ABORT, a closed connection, an A-RELEASE-RQ mid data set) or runs over
   ``max_message_bytes`` leaves no temp file and no journal row, and the daemon goes on serving.
 * (Memory: tests/integration/test_receive_memory.py.)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -25,10 +27,11 @@ import rawpdu as R
 import rawscu
 from pydicom.data import get_testdata_files
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from support import EdgedProcess, cached_pages, eventually, require_tool, run
+from support import EdgedProcess, cached_pages, eventually, metrics_text, require_tool, run, sample
 
 from edged.dicom import status
 from edged.dicom.filemeta import encode_file_meta
+from edged.metrics import STORE_STEPS
 from edged.spool.store import Spool
 from edged.synthetic import write_ct_series
 
@@ -102,6 +105,27 @@ def test_a_slice_no_engine_reads_is_not_left_in_the_page_cache(edged: EdgedProce
         original = pydicom.dcmread(path)
         stored = pydicom.dcmread(edged.storage / Spool.relpath_for(str(original.SOPInstanceUID)))
         assert stored == original and stored.PixelData == original.PixelData
+
+
+def test_each_stored_slice_times_its_steps_from_command_to_response(edged: EdgedProcess,
+                                                                     slices: list[Path]) -> None:
+    # Six slices stored, then two of them again (duplicates: answered Success, nothing stored, no steps).
+    t0 = time.perf_counter()
+    for batch in (slices[:6], slices[:2]):
+        res = run([require_tool("storescu"), "-aec", "EDGED", "127.0.0.1", str(edged.port), *map(str, batch)])
+        assert res.returncode == 0, res.stderr
+    wall = time.perf_counter() - t0
+    text = metrics_text(edged)
+    assert sample(text, "edged_instances_received_total", status="success") == 6
+    assert sample(text, "edged_instances_received_total", status="duplicate") == 2
+    sums = {}
+    for step in STORE_STEPS:
+        assert sample(text, "edged_store_step_seconds_count", step=step) == 6, step
+        sums[step] = sample(text, "edged_store_step_seconds_sum", step=step)
+        assert sums[step] is not None and sums[step] > 0, step
+    # consecutive steps of each slice, so together no longer than the pushes that carried them
+    assert sum(sums.values()) < wall
+    assert sample(text, "edged_store_seconds_count") == 8  # edged_store_seconds: every data set answered
 
 
 # -- the pydicom corpus, byte for byte ---------------------------------------------------------------
