@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from harness import BenchError, run_in_workdir, spawn, stop_on_sigterm, stop_proc  # noqa: E402
-from ingest import Tools, _positive, dcmtk_env, find_tools  # noqa: E402
+from ingest import HTTP_LISTENING, Tools, _positive, dcmtk_env, find_tools  # noqa: E402
 
 HOST = "127.0.0.1"
 MAX_PDU = 131072
@@ -55,7 +55,6 @@ CALLING_AET = "E2EBENCH"
 CLASSIFIER = "ct-nodule-cls"
 BENCH_BATCHES = (1, 4, 8, 16)
 LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
-HTTP_LISTENING = re.compile(r"event=http\.listening host=\S+ port=(\d+)")
 BACKEND = re.compile(r"event=engines\.backend backend=(\S+)")
 NOTE = "storescu runs with TCP_NODELAY=1; sender, edged, ONNX Runtime and Orthanc share this machine's cores"
 

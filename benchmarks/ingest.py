@@ -37,11 +37,15 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from edged.metrics import STORE_STEPS as STEPS  # edged_store_step_seconds' steps, in order
 from edged.spool.store import fsync_dir
 from edged.synthetic import write_ct_series
 
@@ -55,6 +59,7 @@ EDGED_AET = "EDGED"
 STORESCP_AET = "STORESCP"
 CALLING_AET = "BENCH"
 LISTENING = re.compile(r"event=listening host=\S+ port=(\d+)")
+HTTP_LISTENING = re.compile(r"event=http\.listening host=\S+ port=(\d+)")
 NOTE = ("DCMTK peers run with TCP_NODELAY=1; edged fsyncs each file, its directory and its journal before Success; "
         "storescp does not fsync; Orthanc (its DICOM side is DCMTK: TCP_NODELAY=1 too) does not fsync its storage files "
         "(its SQLite index: WAL, synchronous=NORMAL)")
@@ -163,6 +168,7 @@ class Edged(Receiver):
         self.log = workdir / "edged.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.http_port = 0
 
     def write_config(self) -> None:
         self.config.write_text(
@@ -191,9 +197,10 @@ class Edged(Receiver):
                               group=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            found = LISTENING.search(self.log.read_text(errors="replace"))
-            if found:
-                self.port = int(found.group(1))
+            text = self.log.read_text(errors="replace")
+            dicom, http = LISTENING.search(text), HTTP_LISTENING.search(text)
+            if dicom and http:
+                self.port, self.http_port = int(dicom.group(1)), int(http.group(1))
                 return self
             if self.proc.poll() is not None:
                 raise BenchError(f"edged exited with {self.proc.returncode} before listening:\n{_tail(self.log)}")
@@ -211,6 +218,11 @@ class Edged(Receiver):
     def stored(self) -> int:
         """Instances in the journal, whatever state processing has moved them to (``missing`` excepted)."""
         return sum(n for state, n in self.counts().items() if state != "missing")
+
+    def step_totals(self) -> dict[str, tuple[float, int]]:
+        """``edged_store_step_seconds``' sum and count per step, scraped from /metrics now."""
+        with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/metrics", timeout=30) as r:
+            return step_totals(r.read().decode())
 
     def stop(self) -> None:
         if self.proc is None:
@@ -405,6 +417,8 @@ class Throughput:
     seconds: float
     megabytes: float
     per_file: FileTimes | None = None  # the disk loops only
+    #: edged only: mean ms per stored image spent in each step of ``edged_store_step_seconds`` (STEPS)
+    steps: dict[str, float] | None = None
     #: the work dir's block device during the measurement: cache flushes completed, and the ms it spent on
     #: them (:func:`disk_counters`); None where the kernel does not count them
     device: DiskCounters | None = None
@@ -418,15 +432,24 @@ class Throughput:
         return self.images / self.seconds
 
     @property
+    def cycle_ms(self) -> float:
+        """Wall ms from one image to the next on each association (all run at once): associations x seconds
+        / images."""
+        return self.associations * self.seconds * 1000 / self.images
+
+    @property
     def mb_per_s(self) -> float:
         return self.megabytes / self.seconds
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("per_file", "device")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("per_file", "device", "steps")}
         out.update(images_per_s=round(self.images_per_s, 2), mb_per_s=round(self.mb_per_s, 2))
         if self.device is not None:
             out["device_flushes"] = self.device.flushes
             out["device_flush_ms"] = self.device.flush_ms
+        if self.steps is not None:
+            out["step_ms"] = {k: round(v, 4) for k, v in self.steps.items()}
+            out["cycle_ms"] = round(self.cycle_ms, 4)
         if self.per_file is not None:
             out["ms_per_file"] = {k: round(v, 4) for k, v in self.per_file.ms_per_file().items()}
         return out
@@ -519,15 +542,43 @@ def send(tools: Tools, receiver: Receiver, files: Sequence[Path], associations: 
     return elapsed
 
 
+def step_totals(metrics_text: str) -> dict[str, tuple[float, int]]:
+    """``edged_store_step_seconds``' (sum, count) per step in a scrape of edged's /metrics."""
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "edged_store_step_seconds":
+            continue
+        for s in family.samples:
+            if s.name.endswith(("_sum", "_count")):
+                out.setdefault(s.labels["step"], [0.0, 0.0])[s.name.endswith("_count")] = s.value
+    return {k: (v[0], int(v[1])) for k, v in out.items()}
+
+
+def steps_ms(before: dict[str, tuple[float, int]], after: dict[str, tuple[float, int]]) -> dict[str, float] | None:
+    """Mean ms per image in each step between two :func:`step_totals`; None if a step saw no image."""
+    out: dict[str, float] = {}
+    for step in STEPS:
+        s0, n0 = before.get(step, (0.0, 0))
+        s1, n1 = after.get(step, (0.0, 0))
+        if n1 <= n0:
+            return None
+        out[step] = (s1 - s0) * 1000 / (n1 - n0)
+    return out
+
+
 def measure_receiver(receiver: Receiver, tools: Tools, files: Sequence[Path], associations: int,
                      megabytes: float, logdir: Path) -> Throughput:
+    steps = None
     with running(receiver):
+        before = receiver.step_totals() if isinstance(receiver, Edged) else None
         # logdir is in the run's work dir, on the same device as every receiver's storage
         seconds, device = _counted(logdir, lambda: send(tools, receiver, files, associations, logdir))
         stored = receiver.stored()
+        if isinstance(receiver, Edged) and before is not None:
+            steps = steps_ms(before, receiver.step_totals())
     if stored != len(files):
         raise BenchError(f"{receiver.name} stored {stored} of {len(files)} images ({associations} association(s))")
-    return Throughput(receiver.name, associations, len(files), seconds, megabytes, device=device)
+    return Throughput(receiver.name, associations, len(files), seconds, megabytes, device=device, steps=steps)
 
 
 JOURNAL_FILE = "journal.sqlite3"
@@ -895,6 +946,28 @@ def _bound_lines(results: Results) -> list[str]:
     return lines
 
 
+def _step_lines(results: Results) -> list[str]:
+    """Where each association's time went in edged's best rounds (``edged_store_step_seconds``)."""
+    rows = [t for t in sorted(results.throughput, key=lambda t: t.associations)
+            if t.receiver == "edged" and t.steps is not None]
+    if not rows:
+        return []
+    lines = ["", "edged, where each association's time went (best round; mean ms per image, edged_store_step_seconds):",
+             f"{'assoc.':>6} " + " ".join(f"{s:>8}" for s in STEPS) + f" {'between':>8} {'cycle':>8}",
+             f"{'-' * 6} " + " ".join("-" * 8 for _ in STEPS) + f" {'-' * 8} {'-' * 8}"]
+    for t in rows:
+        assert t.steps is not None
+        between = t.cycle_ms - sum(t.steps.values())
+        lines.append(f"{t.associations:>6} " + " ".join(f"{t.steps[s]:>8.2f}" for s in STEPS)
+                     + f" {between:>8.2f} {t.cycle_ms:>8.2f}")
+    lines += ["(receive: command set to the data set's last fragment, written as it came; checks: header, duplicate,",
+              " free space; fsync: rename + the file's fsync; commit: group commit, directory fsync + journal;",
+              " respond: until the response is sent; between: the rest of the cycle, the sender's turn from a",
+              " response to its next command, and its start and association setup spread over its images;",
+              " cycle: associations x seconds / images)"]
+    return lines
+
+
 def report(results: Results) -> str:
     mb_each = results.file_bytes / results.count / 1e6
     lines = [
@@ -930,6 +1003,7 @@ def report(results: Results) -> str:
                      f"{_ratio(e and e.images_per_s, s and s.images_per_s):>15} "
                      f"{_ratio(e and e.images_per_s, d and d.images_per_s):>17}")
     lines += _round_lines(results)
+    lines += _step_lines(results)
     lines += _bound_lines(results)
     if results.setup:
         lines += [

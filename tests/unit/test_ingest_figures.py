@@ -1,5 +1,5 @@
-"""The figures benchmarks/ingest.py derives: the ordered bound at 1 association and its ratios, and the
-disk's cache flushes per image (< 1 s).
+"""The figures benchmarks/ingest.py derives: the ordered bound at 1 association and its ratios, the
+disk's cache flushes per image, the filesystem line, and edged's time per step from its metrics (< 1 s).
 
 The benchmark itself needs DCMTK and minutes; these check its arithmetic on made-up throughput figures and
 per-file flush timings, and run its disk+journal loop on three tiny files.
@@ -237,3 +237,45 @@ def test_filesystem_says_when_ext4_has_no_journal(tmp_path: Path, task: str | No
         (sysfs / "fs" / "ext4" / "vdb" / "journal_task").write_text(task)
     assert ingest.filesystem_of(Path("/srv/data"), mounts_file=mounts, sys_root=sysfs) == expected
     assert ingest.filesystem_of(Path("/srv/t/x"), mounts_file=mounts, sys_root=sysfs) == "tmpfs (/srv/t)"
+
+
+def _scrape(observations: dict[str, list[float]]) -> str:
+    """edged's own metrics (edged/metrics.py) after ``observations`` seconds per step, as /metrics serves them."""
+    from prometheus_client import generate_latest
+
+    from edged.metrics import Metrics
+
+    m = Metrics()
+    for step, values in observations.items():
+        for v in values:
+            m.store_step_seconds.labels(step).observe(v)
+    return generate_latest(m.registry).decode()
+
+
+def test_step_totals_and_means_between_two_scrapes() -> None:
+    first = {s: [0.001] for s in ingest.STEPS}
+    before = ingest.step_totals(_scrape(first))
+    assert before == {s: (pytest.approx(0.001), 1) for s in ingest.STEPS}
+    second = {s: [0.001, 0.002, 0.004] for s in ingest.STEPS}
+    second["fsync"] = [0.001, 0.010, 0.020]
+    after = ingest.step_totals(_scrape(second))
+    ms = ingest.steps_ms(before, after)
+    assert ms is not None
+    assert ms["receive"] == pytest.approx(3.0)  # (2 + 4) ms over the 2 images between the scrapes
+    assert ms["fsync"] == pytest.approx(15.0)
+    assert list(ms) == list(ingest.STEPS)
+    assert ingest.steps_ms(before, before) is None  # no image between: no means
+    assert ingest.steps_ms({}, ingest.step_totals(_scrape({"receive": [0.001]}))) is None  # a step never seen
+
+
+def test_step_block_shows_each_step_and_what_is_left_of_the_cycle() -> None:
+    steps = {"receive": 2.0, "checks": 0.5, "fsync": 4.0, "commit": 3.0, "respond": 0.5}
+    t = Throughput("edged", 4, 400, 1.6, 205.2, steps=steps)  # 4 x 1.6 s / 400 = 16 ms per image
+    assert t.cycle_ms == pytest.approx(16.0)
+    text = ingest.report(_results(t, _ips("disk limit", 500, 4)))
+    block = text[text.index("where each association's time went"):]
+    row = next(line for line in block.splitlines() if line.split()[:1] == ["4"])
+    assert row.split() == ["4", "2.00", "0.50", "4.00", "3.00", "0.50", "6.00", "16.00"]
+    d = t.as_dict()
+    assert d["step_ms"] == steps and d["cycle_ms"] == 16.0
+    assert "where each association's time went" not in ingest.report(_results(_ips("edged", 200)))
