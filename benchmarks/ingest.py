@@ -36,6 +36,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -66,8 +67,9 @@ NOTE = ("DCMTK peers run with TCP_NODELAY=1; edged fsyncs each file, its directo
 REPO = Path(__file__).resolve().parent.parent
 ORTHANC_AET = "ORTHANC"
 RECEIVERS = ("edged", "orthanc", "storescp", "disk")
-#: The rows of the throughput table, in order ("disk" measures both "disk limit" and "disk+journal").
-ROWS = ("edged", "orthanc", "storescp", "disk limit", "disk+journal")
+#: The rows of the throughput table, in order ("disk" measures "disk limit", "disk+journal" and, after
+#: storescp in the same round, "ordered").
+ROWS = ("edged", "orthanc", "storescp", "disk limit", "disk+journal", "ordered")
 #: The speed issue's target at 1 association: edged >= this x the disk limit.
 TARGET_OVER_DISK_LIMIT = 0.6
 
@@ -683,6 +685,111 @@ def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megab
     return Throughput(label, threads, len(files), seconds, megabytes, per_file=sum(times, FileTimes()), device=device)
 
 
+class _PacedGroupCommit:
+    """The "ordered" loop's group commit, as edged's (edged/spool/commit.py) without edged's code: the first
+    thread to find no commit running fsyncs the directory and commits one SQLite transaction (WAL,
+    synchronous=FULL) with a row for every file queued at that moment, its own included."""
+
+    def __init__(self, db: Path, directory: Path) -> None:
+        self._dir = directory
+        self._cond = threading.Condition()
+        self._queue: list[list[Any]] = []
+        self._busy = False
+        # used by whichever thread leads a group, one at a time
+        self._conn = sqlite3.connect(db, isolation_level=None, timeout=60.0, check_same_thread=False)
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self.groups = 0
+
+    def commit(self, path: str) -> None:
+        item: list[Any] = [path, False]
+        with self._cond:
+            self._queue.append(item)
+            while True:
+                while not item[1] and self._busy:
+                    self._cond.wait()
+                if item[1]:
+                    return
+                self._busy = True
+                group, self._queue = self._queue, []
+                self._cond.release()
+                try:
+                    fsync_dir(self._dir)
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.executemany("INSERT INTO files (path) VALUES (?)", [(g[0],) for g in group])
+                    self._conn.execute("COMMIT")
+                    self.groups += 1
+                finally:
+                    self._cond.acquire()
+                    for g in group:
+                        g[1] = True
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _paced_ordered_loop(files: Sequence[Path], tmp_dir: Path, dest_dir: Path, tag: str, pace_s: float,
+                        group: _PacedGroupCommit, sleep: Callable[[float], None] = time.sleep) -> None:
+    """For each file: its bytes to a new temp file, then a wait until ``pace_s`` has passed since the file
+    began (a sender's time per image: the data set is written as it arrives), rename into ``dest_dir``,
+    fsync, then ``group.commit``: edged's order, at a sender's pace, with nothing of edged's own work."""
+    clock = time.perf_counter
+    for i, src in enumerate(files):
+        data = memoryview(src.read_bytes())
+        t0 = clock()
+        tmp, dest = tmp_dir / f"{tag}-{i}.part", dest_dir / f"{tag}-{i}.dcm"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            left = pace_s - (clock() - t0)
+            if left > 0:
+                sleep(left)
+            os.replace(tmp, dest)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        group.commit(str(dest))
+
+
+def measure_ordered(files: Sequence[Path], threads: int, pace_s: float, workdir: Path,
+                    megabytes: float) -> Throughput:
+    """An estimate of the most a receiver keeping edged's order can reach with ``threads`` associations:
+    ``threads`` writers, each taking one image per ``pace_s`` at best (storescp's time per image and
+    association in the same round: the sender's pace, the network and the write to the page cache), then
+    rename, fsync, group commit (:class:`_PacedGroupCommit`) before the next. It leaves out every CPU cost of
+    a real receiver (parsing, checks, the network's and the sender's CPU competing with it), so a receiver
+    doing that work falls short of it; edged/ordered says by how much."""
+    tmp_dir, dest_dir = workdir / "tmp", workdir / "instances"
+    tmp_dir.mkdir(parents=True)
+    dest_dir.mkdir(parents=True)
+    db = workdir / JOURNAL_FILE
+    _create_journal(db)
+    fsync_dir(workdir)
+    chunks = [c for c in split(files, threads) if c]
+    group = _PacedGroupCommit(db, dest_dir)
+
+    def loop() -> None:
+        with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+            futures = [pool.submit(_paced_ordered_loop, chunk, tmp_dir, dest_dir, f"w{i}", pace_s, group)
+                       for i, chunk in enumerate(chunks)]
+            for f in futures:
+                f.result()
+
+    t0 = time.perf_counter()
+    try:
+        _, device = _counted(workdir, loop)
+    finally:
+        group.close()
+    seconds = time.perf_counter() - t0
+    written = sum(1 for _ in dest_dir.iterdir())
+    rows = journal_rows(db)
+    if written != len(files) or rows != len(files):
+        raise BenchError(f"ordered loop placed {written} and committed {rows} of {len(files)} files")
+    return Throughput("ordered", threads, len(files), seconds, megabytes, device=device)
+
+
 def journal_rows(db: Path) -> int:
     """Rows committed to a disk+journal loop's database."""
     conn = sqlite3.connect(db)
@@ -779,12 +886,18 @@ def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results
             return measure_disk_limit(files, n, fresh(f"disk-{n}"), megabytes)
         if row == "disk+journal":
             return measure_disk_limit(files, n, fresh(f"disk-journal-{n}"), megabytes, journal=True)
+        if row == "ordered":  # paced at this round's storescp (measured just before, in RECEIVERS order)
+            pace_s = n / results.rates("storescp", n)[-1]
+            return measure_ordered(files, n, pace_s, fresh(f"ordered-{n}"), megabytes)
         return measure_receiver(makers[row](fresh(f"{row}-{n}"), n), tools, files, n, megabytes, logdir)
 
     for n in args.associations:
         for _ in range(args.repeat):  # rounds: every receiver once per round, best of the rounds kept
             for label in [r for r in RECEIVERS if r in args.receivers]:
-                for row in (("disk limit", "disk+journal") if label == "disk" else (label,)):
+                rows: tuple[str, ...] = (label,)
+                if label == "disk":
+                    rows = ("disk limit", "disk+journal") + (("ordered",) if results.rates("storescp", n) else ())
+                for row in rows:
                     print(f"  {row:<12} {n} association(s) ...", end=" ", flush=True)
                     t = measure(row, n)
                     results.add(t)
@@ -825,6 +938,10 @@ def ratios(results: Results) -> list[dict[str, Any]]:
             "edged_over_storescp": round(e.images_per_s / s.images_per_s, 3) if e and s else None,
             "edged_over_disk_limit": round(e.images_per_s / d.images_per_s, 3) if e and d else None,
         }
+        p = results.get("ordered", n)
+        if p is not None:
+            row["edged_over_ordered"] = round(e.images_per_s / p.images_per_s, 3) if e else None
+            row["ordered_over_disk_limit"] = round(p.images_per_s / d.images_per_s, 3) if d else None
         for other, key in (("orthanc", "orthanc"), ("disk limit", "disk_limit")):
             each = round_ratios(results, "edged", other, n)
             row[f"edged_over_{key}_rounds"] = [round(x, 3) for x in each]
@@ -943,6 +1060,16 @@ def _bound_lines(results: Results) -> list[str]:
         lines.append(f"  disk+journal loop, 1 thread, mean ms per file: (a) open+write {ms['write']:.3f}, "
                      f"(b) fsync+rename+dir fsync {ms['fsync_rename_dirfsync']:.3f}, "
                      f"(c) journal commit {ms['journal_commit']:.3f}")
+    paced = [(t, results.get("edged", t.associations), results.get("disk limit", t.associations))
+             for t in sorted(results.throughput, key=lambda t: t.associations) if t.receiver == "ordered"]
+    if paced:
+        lines += ["", "the 'ordered' loop (every association count): edged's order at storescp's pace, no receiver CPU; "
+                      "best rounds"]
+        for o, e, d in paced:
+            target = f"{TARGET_OVER_DISK_LIMIT * d.images_per_s / o.images_per_s:.2f}x 'ordered'" if d else "n/a"
+            lines.append(f"  {o.associations} assoc.: ordered/disk-limit {_ratio(o.images_per_s, d and d.images_per_s)}"
+                         f"   edged/ordered {_ratio(e and e.images_per_s, o.images_per_s)}"
+                         f"   target {TARGET_OVER_DISK_LIMIT}x disk-limit = {target}")
     return lines
 
 
@@ -991,7 +1118,9 @@ def report(results: Results) -> str:
     lines += [
         "(disk limit: same files, temp file + fsync + rename + directory fsync in a loop; 'assoc.' = parallel writer threads;",
         " disk+journal: that loop again, each file then committed as a row of a SQLite journal, WAL, synchronous=FULL;",
-        " flushes/img: cache flushes the work dir's disk completed during that best round, per image, whoever asked)",
+        " flushes/img: cache flushes the work dir's disk completed during that best round, per image, whoever asked;",
+        " ordered: edged's order (write, rename, fsync, group commit of directory fsync + journal) in 'assoc.' threads,",
+        " each paced at that round's storescp time per image and association, with no CPU work of a receiver's own)",
         f"(best of {results.repeat} round(s); in each round every receiver ran once, one after the other)",
         "",
         f"{'assoc.':>6} {'edged/orthanc':>14} {'edged/storescp':>15} {'edged/disk-limit':>17}   ({results.cpu_count} CPU cores)",

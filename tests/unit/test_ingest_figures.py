@@ -279,3 +279,50 @@ def test_step_block_shows_each_step_and_what_is_left_of_the_cycle() -> None:
     d = t.as_dict()
     assert d["step_ms"] == steps and d["cycle_ms"] == 16.0
     assert "where each association's time went" not in ingest.report(_results(_ips("edged", 200)))
+
+
+def test_ordered_loop_paces_each_file_then_commits_every_row_in_groups(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    files = []
+    for i in range(6):
+        f = src / f"{i}.dcm"
+        f.write_bytes(bytes([i]) * 1000)
+        files.append(f)
+    work = tmp_path / "ordered"
+    for sub in ("tmp", "instances"):
+        (work / sub).mkdir(parents=True)
+    db = work / ingest.JOURNAL_FILE
+    ingest._create_journal(db)
+    group = ingest._PacedGroupCommit(db, work / "instances")
+    waits: list[float] = []
+    try:
+        ingest._paced_ordered_loop(files, work / "tmp", work / "instances", "w0", 0.5, group, sleep=waits.append)
+    finally:
+        group.close()
+    # one wait per file, for what was left of the pace after its write (never more than the pace)
+    assert len(waits) == 6 and all(0 < w <= 0.5 for w in waits)
+    assert sorted(p.name for p in (work / "instances").iterdir()) == [f"w0-{i}.dcm" for i in range(6)]
+    assert [p.read_bytes() for p in sorted((work / "instances").iterdir())] == [f.read_bytes() for f in files]
+    assert list((work / "tmp").iterdir()) == []
+    assert ingest.journal_rows(db) == 6 and group.groups == 6  # one thread: each file its own group
+
+
+def test_ordered_loop_with_threads_and_its_lines(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    files = []
+    for i in range(8):
+        f = src / f"{i}.dcm"
+        f.write_bytes(bytes([i]) * 4096)
+        files.append(f)
+    t = ingest.measure_ordered(files, 4, 0.001, tmp_path / "ordered", 0.03)
+    assert (t.receiver, t.associations, t.images) == ("ordered", 4, 8)
+    assert ingest.journal_rows(tmp_path / "ordered" / ingest.JOURNAL_FILE) == 8
+    r = _results(_ips("edged", 150, 4), _ips("disk limit", 500, 4), Throughput("ordered", 4, 100, 0.5, 51.3))
+    text = ingest.report(r)
+    line = next(x for x in text.splitlines() if x.strip().startswith("4 assoc.: ordered/disk-limit"))
+    # ordered 200/s against the disk limit's 500; edged 150/s; 0.6 x 500 = 300 = 1.5 x ordered
+    assert "ordered/disk-limit 0.40x" in line and "edged/ordered 0.75x" in line and "= 1.50x 'ordered'" in line
+    row = next(x for x in ingest.to_json(r)["ratios"] if x["associations"] == 4)
+    assert row["edged_over_ordered"] == 0.75 and row["ordered_over_disk_limit"] == 0.4
