@@ -191,7 +191,8 @@ class Metrics:
             " the command set to the data set's last fragment, written to a temp file as it arrived),"
             " checks (header, duplicate lookup, free space), fsync (rename into the spool and the file's"
             " fsync), commit (waiting for and running the group commit: directory fsync, journal"
-            " transaction; then the audit line), respond (until the response is sent).",
+            " transaction; then the audit line), respond (until the response is sent, or queued behind"
+            " another message of the association's).",
             ["step"], buckets=_STEP, registry=r)
         # -- pipeline
         self.jobs = Counter("edged_jobs_total", "Jobs finished, by model and result (done, failed, dead).",
