@@ -942,6 +942,11 @@ def ratios(results: Results) -> list[dict[str, Any]]:
         if p is not None:
             row["edged_over_ordered"] = round(e.images_per_s / p.images_per_s, 3) if e else None
             row["ordered_over_disk_limit"] = round(p.images_per_s / d.images_per_s, 3) if d else None
+            for receiver, other, key in (("edged", "ordered", "edged_over_ordered"),
+                                         ("ordered", "disk limit", "ordered_over_disk_limit")):
+                each = round_ratios(results, receiver, other, n)
+                row[f"{key}_rounds"] = [round(x, 3) for x in each]
+                row[f"{key}_median_round"] = round(statistics.median(each), 3) if each else None
         for other, key in (("orthanc", "orthanc"), ("disk limit", "disk_limit")):
             each = round_ratios(results, "edged", other, n)
             row[f"edged_over_{key}_rounds"] = [round(x, 3) for x in each]
@@ -951,13 +956,15 @@ def ratios(results: Results) -> list[dict[str, Any]]:
 
 
 def _round_lines(results: Results) -> list[str]:
-    """The ratios to Orthanc and to the disk limit round by round, with their median (where >1 round)."""
+    """The ratios to Orthanc and to the disk limit round by round, with their median (where >1 round); and
+    the 'ordered' loop's, to the disk limit and from edged."""
     lines: list[str] = []
     for n in sorted({t.associations for t in results.throughput}):
-        for other in ("orthanc", "disk limit"):
-            each = round_ratios(results, "edged", other, n)
+        for receiver, other in (("edged", "orthanc"), ("edged", "disk limit"), ("ordered", "disk limit"),
+                                ("edged", "ordered")):
+            each = round_ratios(results, receiver, other, n)
             if len(each) > 1:
-                lines.append(f"  {n} assoc., edged/{other.replace(' ', '-')} round by round: "
+                lines.append(f"  {n} assoc., {receiver}/{other.replace(' ', '-')} round by round: "
                              + ", ".join(f"{x:.2f}x" for x in each) + f" (median {statistics.median(each):.2f}x)")
     if lines:
         lines.insert(0, "(the same ratios within each round, the receivers measured one right after the other:)")

@@ -326,3 +326,15 @@ def test_ordered_loop_with_threads_and_its_lines(tmp_path: Path) -> None:
     assert "ordered/disk-limit 0.40x" in line and "edged/ordered 0.75x" in line and "= 1.50x 'ordered'" in line
     row = next(x for x in ingest.to_json(r)["ratios"] if x["associations"] == 4)
     assert row["edged_over_ordered"] == 0.75 and row["ordered_over_disk_limit"] == 0.4
+
+
+def test_ordered_round_by_round() -> None:
+    r = _results()
+    for edged, disk, ordered in ((150, 500, 200), (100, 250, 200)):
+        for t in (_ips("edged", edged, 4), _ips("disk limit", disk, 4), Throughput("ordered", 4, 100, 100 / ordered, 51.3)):
+            r.add(t)
+    lines = "\n".join(ingest._round_lines(r))
+    assert "4 assoc., ordered/disk-limit round by round: 0.40x, 0.80x (median 0.60x)" in lines
+    assert "4 assoc., edged/ordered round by round: 0.75x, 0.50x (median 0.62x)" in lines
+    row = next(x for x in ingest.to_json(r)["ratios"] if x["associations"] == 4)
+    assert row["ordered_over_disk_limit_rounds"] == [0.4, 0.8] and row["edged_over_ordered_median_round"] == 0.625
