@@ -12,6 +12,9 @@ associations (default 1 and 4):
 * disk+journal: that loop again (a separate pass) with one SQLite commit per file after it (WAL,
   synchronous=FULL), timed per step; with storescp's time per image it gives the ordered bound at 1
   association (:func:`ordered_bound`), the most any receiver that keeps edged's order can reach,
+* the 'ordered' loop (in rounds where storescp ran): edged's order (write, rename, fsync, group commit)
+  in one thread per association, each paced at that round's storescp time per image, with no receiver
+  CPU work (:func:`measure_ordered`); and, from edged's metrics, where its time per image went by step,
 
 and the cost of setting up an association (``echoscu`` in a loop, ``storescu`` with one file per
 association). Every DCMTK peer runs with ``TCP_NODELAY=1`` (Debian's build leaves Nagle on).
@@ -1027,7 +1030,8 @@ def ordered_bound(results: Results) -> OrderedBound | None:
     the network and the write to the page cache, all of which storescp does too) plus the flushes (b) + (c),
     timed in the disk+journal loop at 1 thread ((a), the page-cache write, is already in storescp's time
     and is not counted twice). With K > 1 associations one association's flushes overlap the others'
-    transfers (and group commit shares them), so this sum bounds nothing there and is not computed.
+    transfers (and group commit shares them), so this sum bounds nothing there and is not computed: the
+    'ordered' loop (:func:`measure_ordered`) estimates what the order allows at every K instead.
 
     Best of rounds, like every other figure: storescp's best round (highest images/s) and the per-step
     times of the disk+journal round with the highest images/s (the rows the throughput table shows).
