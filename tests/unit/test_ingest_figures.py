@@ -281,14 +281,16 @@ def test_step_block_shows_each_step_and_what_is_left_of_the_cycle() -> None:
     assert "where each association's time went" not in ingest.report(_results(_ips("edged", 200)))
 
 
+def _source_files(directory: Path, n: int, size: int) -> list[Path]:
+    directory.mkdir()
+    files = [directory / f"{i}.dcm" for i in range(n)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * size)
+    return files
+
+
 def test_ordered_loop_paces_each_file_then_commits_every_row_in_groups(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    files = []
-    for i in range(6):
-        f = src / f"{i}.dcm"
-        f.write_bytes(bytes([i]) * 1000)
-        files.append(f)
+    files = _source_files(tmp_path / "src", 6, 1000)
     work = tmp_path / "ordered"
     for sub in ("tmp", "instances"):
         (work / sub).mkdir(parents=True)
@@ -309,13 +311,7 @@ def test_ordered_loop_paces_each_file_then_commits_every_row_in_groups(tmp_path:
 
 
 def test_ordered_loop_with_threads_and_its_lines(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    files = []
-    for i in range(8):
-        f = src / f"{i}.dcm"
-        f.write_bytes(bytes([i]) * 4096)
-        files.append(f)
+    files = _source_files(tmp_path / "src", 8, 4096)
     t = ingest.measure_ordered(files, 4, 0.001, tmp_path / "ordered", 0.03)
     assert (t.receiver, t.associations, t.images) == ("ordered", 4, 8)
     assert ingest.journal_rows(tmp_path / "ordered" / ingest.JOURNAL_FILE) == 8
