@@ -39,7 +39,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from prometheus_client.parser import text_string_to_metric_families
 
 from edged.metrics import STORE_STEPS as STEPS  # edged_store_step_seconds' steps, in order
+from edged.spool.commit import GroupCommit
 from edged.spool.store import fsync_dir
 from edged.synthetic import write_ct_series
 
@@ -643,6 +643,22 @@ def _durable_write_loop(files: Sequence[Path], tmp_dir: Path, dest_dir: Path, ta
     return times
 
 
+def _loop_dirs(workdir: Path) -> tuple[Path, Path]:
+    """A disk loop's temp and destination directories, made in ``workdir``."""
+    tmp_dir, dest_dir = workdir / "tmp", workdir / "instances"
+    tmp_dir.mkdir(parents=True)
+    dest_dir.mkdir(parents=True)
+    return tmp_dir, dest_dir
+
+
+def _per_thread(files: Sequence[Path], threads: int, run: Callable[[Sequence[Path], str], T]) -> list[T]:
+    """``run(chunk, tag)`` for ``threads`` chunks of ``files`` at once, one thread each (tags w0, w1, ...)."""
+    chunks = [c for c in split(files, threads) if c]
+    with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+        futures = [pool.submit(run, chunk, f"w{i}") for i, chunk in enumerate(chunks)]
+        return [f.result() for f in futures]
+
+
 def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megabytes: float, *,
                        journal: bool = False) -> Throughput:
     """The fsync-before-ack ceiling of this disk for these files, with ``threads`` writers in parallel.
@@ -659,23 +675,14 @@ def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megab
     their own. Both passes record the per-step times (:class:`FileTimes`); the clock calls cost < 1 us per
     file.
     """
-    tmp_dir, dest_dir = workdir / "tmp", workdir / "instances"
-    tmp_dir.mkdir(parents=True)
-    dest_dir.mkdir(parents=True)
+    tmp_dir, dest_dir = _loop_dirs(workdir)
     db = workdir / JOURNAL_FILE if journal else None
     if db is not None:
         _create_journal(db)
     fsync_dir(workdir)
-    chunks = [c for c in split(files, threads) if c]
-
-    def loop() -> list[FileTimes]:
-        with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-            futures = [pool.submit(_durable_write_loop, chunk, tmp_dir, dest_dir, f"w{i}", db)
-                       for i, chunk in enumerate(chunks)]
-            return [f.result() for f in futures]
-
     t0 = time.perf_counter()
-    times, device = _counted(workdir, loop)
+    times, device = _counted(workdir, lambda: _per_thread(
+        files, threads, lambda chunk, tag: _durable_write_loop(chunk, tmp_dir, dest_dir, tag, db)))
     seconds = time.perf_counter() - t0
     label = "disk+journal" if journal else "disk limit"
     written = sum(1 for _ in dest_dir.iterdir())
@@ -688,52 +695,38 @@ def measure_disk_limit(files: Sequence[Path], threads: int, workdir: Path, megab
     return Throughput(label, threads, len(files), seconds, megabytes, per_file=sum(times, FileTimes()), device=device)
 
 
-class _PacedGroupCommit:
-    """The "ordered" loop's group commit, as edged's (edged/spool/commit.py) without edged's code: the first
-    thread to find no commit running fsyncs the directory and commits one SQLite transaction (WAL,
-    synchronous=FULL) with a row for every file queued at that moment, its own included."""
+class _RowJournal:
+    """What :class:`edged.spool.commit.GroupCommit` needs of a journal, for the "ordered" loop: each group a
+    row per file in one SQLite transaction (WAL, synchronous=FULL) of the loop's database, instead of
+    edged's journal rows; the leader, the directory fsync and the order are edged's own."""
 
-    def __init__(self, db: Path, directory: Path) -> None:
-        self._dir = directory
-        self._cond = threading.Condition()
-        self._queue: list[list[Any]] = []
-        self._busy = False
+    def __init__(self, db: Path) -> None:
+        self.path = db
         # used by whichever thread leads a group, one at a time
         self._conn = sqlite3.connect(db, isolation_level=None, timeout=60.0, check_same_thread=False)
         self._conn.execute("PRAGMA synchronous = FULL")
-        self.groups = 0
 
-    def commit(self, path: str) -> None:
-        item: list[Any] = [path, False]
-        with self._cond:
-            self._queue.append(item)
-            while True:
-                while not item[1] and self._busy:
-                    self._cond.wait()
-                if item[1]:
-                    return
-                self._busy = True
-                group, self._queue = self._queue, []
-                self._cond.release()
-                try:
-                    fsync_dir(self._dir)
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    self._conn.executemany("INSERT INTO files (path) VALUES (?)", [(g[0],) for g in group])
-                    self._conn.execute("COMMIT")
-                    self.groups += 1
-                finally:
-                    self._cond.acquire()
-                    for g in group:
-                        g[1] = True
-                    self._busy = False
-                    self._cond.notify_all()
+    def add_instances(self, items: Sequence[tuple[str, Sequence[Any]]]) -> list[bool]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._conn.executemany("INSERT INTO files (path) VALUES (?)", [(path,) for path, _ in items])
+        self._conn.execute("COMMIT")
+        return [True] * len(items)
+
+    def add_instance(self, path: str, routes: Sequence[Any] = ()) -> bool:
+        return self.add_instances([(path, routes)])[0]
 
     def close(self) -> None:
         self._conn.close()
 
 
+def ordered_group(db: Path, directory: Path) -> tuple[GroupCommit, _RowJournal]:
+    """edged's group commit over ``directory`` and a :class:`_RowJournal` on ``db`` (close the journal after)."""
+    journal = _RowJournal(db)
+    return GroupCommit(journal, directory), journal  # type: ignore[arg-type]
+
+
 def _paced_ordered_loop(files: Sequence[Path], tmp_dir: Path, dest_dir: Path, tag: str, pace_s: float,
-                        group: _PacedGroupCommit, sleep: Callable[[float], None] = time.sleep) -> None:
+                        group: GroupCommit, sleep: Callable[[float], None] = time.sleep) -> None:
     """For each file: its bytes to a new temp file, then a wait until ``pace_s`` has passed since the file
     began (a sender's time per image: the data set is written as it arrives), rename into ``dest_dir``,
     fsync, then ``group.commit``: edged's order, at a sender's pace, with nothing of edged's own work."""
@@ -753,7 +746,7 @@ def _paced_ordered_loop(files: Sequence[Path], tmp_dir: Path, dest_dir: Path, ta
             os.fsync(fd)
         finally:
             os.close(fd)
-        group.commit(str(dest))
+        group.commit(str(dest))  # type: ignore[arg-type]  # _RowJournal's rows are paths
 
 
 def measure_ordered(files: Sequence[Path], threads: int, pace_s: float, workdir: Path,
@@ -761,30 +754,20 @@ def measure_ordered(files: Sequence[Path], threads: int, pace_s: float, workdir:
     """An estimate of the most a receiver keeping edged's order can reach with ``threads`` associations:
     ``threads`` writers, each taking one image per ``pace_s`` at best (storescp's time per image and
     association in the same round: the sender's pace, the network and the write to the page cache), then
-    rename, fsync, group commit (:class:`_PacedGroupCommit`) before the next. It leaves out every CPU cost of
+    rename, fsync, edged's group commit (:func:`ordered_group`) before the next. It leaves out every CPU cost of
     a real receiver (parsing, checks, the network's and the sender's CPU competing with it), so a receiver
     doing that work falls short of it; edged/ordered says by how much."""
-    tmp_dir, dest_dir = workdir / "tmp", workdir / "instances"
-    tmp_dir.mkdir(parents=True)
-    dest_dir.mkdir(parents=True)
+    tmp_dir, dest_dir = _loop_dirs(workdir)
     db = workdir / JOURNAL_FILE
     _create_journal(db)
     fsync_dir(workdir)
-    chunks = [c for c in split(files, threads) if c]
-    group = _PacedGroupCommit(db, dest_dir)
-
-    def loop() -> None:
-        with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-            futures = [pool.submit(_paced_ordered_loop, chunk, tmp_dir, dest_dir, f"w{i}", pace_s, group)
-                       for i, chunk in enumerate(chunks)]
-            for f in futures:
-                f.result()
-
+    group, journal = ordered_group(db, dest_dir)
     t0 = time.perf_counter()
     try:
-        _, device = _counted(workdir, loop)
+        _, device = _counted(workdir, lambda: _per_thread(
+            files, threads, lambda chunk, tag: _paced_ordered_loop(chunk, tmp_dir, dest_dir, tag, pace_s, group)))
     finally:
-        group.close()
+        journal.close()
     seconds = time.perf_counter() - t0
     written = sum(1 for _ in dest_dir.iterdir())
     rows = journal_rows(db)

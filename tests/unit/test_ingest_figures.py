@@ -296,12 +296,12 @@ def test_ordered_loop_paces_each_file_then_commits_every_row_in_groups(tmp_path:
         (work / sub).mkdir(parents=True)
     db = work / ingest.JOURNAL_FILE
     ingest._create_journal(db)
-    group = ingest._PacedGroupCommit(db, work / "instances")
+    group, journal = ingest.ordered_group(db, work / "instances")
     waits: list[float] = []
     try:
         ingest._paced_ordered_loop(files, work / "tmp", work / "instances", "w0", 0.5, group, sleep=waits.append)
     finally:
-        group.close()
+        journal.close()
     # one wait per file, for what was left of the pace after its write (never more than the pace)
     assert len(waits) == 6 and all(0 < w <= 0.5 for w in waits)
     assert sorted(p.name for p in (work / "instances").iterdir()) == [f"w0-{i}.dcm" for i in range(6)]
