@@ -820,6 +820,34 @@ def result_latency(r: Results) -> dict[str, dict[str, float]]:
             for k, v in groups.items()}
 
 
+#: The issue's aim for end-to-end findings/s, as a share of the bare engine at its best batch.
+TARGET_RATIO = 0.7
+
+
+def cpu_ceiling(r: Results) -> dict[str, float]:
+    """What this machine's cores allow, from figures measured in this run (an upper bound, not a forecast).
+
+    ``findings_per_s``: every core given to edged alone (no sender, no PACS, no other process) at the CPU it
+    spent per slice in this run, in all. ``budget_ms_per_slice``: the CPU per slice, in all, that
+    :data:`TARGET_RATIO` times the bare engine leaves on these cores; ``bench_inference_ms_per_image``: the
+    bench's own CPU per image at its best batch (NaN where the bench could not measure it: the first batch
+    size), and ``outside_inference_budget_ms``: what is left of the budget after it (negative: no CPU outside
+    inference at all would do).
+    """
+    best = best_engine(r)
+    cores = float(r.cpu_affinity or r.cpu_count or 1)
+    cpu_ms = r.cpu.edged_cpu_seconds / r.slices * 1000 if r.slices else math.nan
+    bare = best.images_per_s if best else math.nan
+    ceiling = cores * 1000 / cpu_ms if cpu_ms > 0 else math.nan
+    budget = cores * 1000 / (TARGET_RATIO * bare) if bare > 0 else math.nan
+    bench_cpu = (best.cpu_cores * 1000 / best.images_per_s
+                 if best is not None and best.cpu_cores is not None and best.images_per_s > 0 else math.nan)
+    return {"cores": cores, "edged_cpu_ms_per_slice": cpu_ms, "findings_per_s": ceiling,
+            "ratio_to_bare_engine": ceiling / bare if bare > 0 else math.nan,
+            "target_findings_per_s": TARGET_RATIO * bare, "budget_ms_per_slice": budget,
+            "bench_inference_ms_per_image": bench_cpu, "outside_inference_budget_ms": budget - bench_cpu}
+
+
 def summary(r: Results) -> dict[str, Any]:
     """The headline figures (also the JSON's)."""
     j, best = r.journal, best_engine(r)
@@ -845,6 +873,7 @@ def summary(r: Results) -> dict[str, Any]:
         "inference_cpu_ms_per_slice": inference_cpu / r.slices * 1000,
         "cpu_outside_inference_ms_per_slice": (r.cpu.edged_cpu_seconds - inference_cpu) / r.slices * 1000,
         "edged_cores_busy": r.cpu.edged,
+        "cpu_ceiling": cpu_ceiling(r),
     }
     for model in j.models:
         values = [t.sr.get(model) for t in j.series]
@@ -942,6 +971,17 @@ def report(r: Results) -> str:
         f"(batcher threads + engine pool threads)",
         f"  outside inference              {s['cpu_outside_inference_ms_per_slice']:7.1f} ms/slice   "
         f"(total - inference; target <= 10 ms, /work/shared/BENCHMARKING.md)",
+    ]
+    cap = s["cpu_ceiling"]
+    lines += [
+        "",
+        f"what {cap['cores']:g} cores allow (an upper bound: edged alone on every core, no sender, no PACS):",
+        f"  {cap['cores']:g} cores / {_fmt(cap['edged_cpu_ms_per_slice'], '.1f')} ms of edged CPU per slice (in all) = "
+        f"{_fmt(cap['findings_per_s'], '.0f')} findings/s = {_fmt(cap['ratio_to_bare_engine'])}x the bare engine",
+        f"  {TARGET_RATIO:g}x the bare engine ({_fmt(cap['target_findings_per_s'], '.0f')} findings/s) leaves "
+        f"{_fmt(cap['budget_ms_per_slice'])} ms of CPU per slice in all; the bench's inference took "
+        f"{_fmt(cap['bench_inference_ms_per_image'])} ms per image at its best batch, which leaves "
+        f"{_fmt(cap['outside_inference_budget_ms'])} ms outside inference",
     ]
     c = r.cpu
     lines += [

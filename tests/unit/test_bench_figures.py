@@ -6,6 +6,7 @@ The scripts themselves need DCMTK, Orthanc and minutes; these check their arithm
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,3 +68,24 @@ def test_soak_verdict_flat_and_growing() -> None:
     t = soak.trend(leaking, "journal_mib", warmup=0.1)  # 0.1 MiB per 1,000: 2 MiB over 20,000 > 1 MiB
     assert not t.flat and t.slope_per_1000 == pytest.approx(0.1)
     assert soak.trend(leaking, "fds", warmup=0.1).flat
+
+
+def _point(batch: int, rate: float, cores: float | None) -> e2e.EnginePoint:
+    return e2e.EnginePoint(e2e.CLASSIFIER, batch, rate, 1.0, 2.0, "onnxruntime", cores, 0.0)
+
+
+def test_cpu_ceiling_is_the_cores_over_the_cpu_per_slice_and_the_budget_the_target_leaves() -> None:
+    r = SimpleNamespace(slices=1000, cpu_affinity=2, cpu_count=2, cpu=SimpleNamespace(edged_cpu_seconds=10.0),
+                        engine=[_point(1, 700.0, None), _point(4, 800.0, 1.6), _point(16, 750.0, 1.9)])
+    cap = e2e.cpu_ceiling(r)  # type: ignore[arg-type]
+    assert cap["findings_per_s"] == pytest.approx(200.0)  # 2 cores / 10 ms per slice
+    assert cap["ratio_to_bare_engine"] == pytest.approx(0.25)  # against the best batch, 4: 800 images/s
+    assert cap["target_findings_per_s"] == pytest.approx(560.0)
+    assert cap["budget_ms_per_slice"] == pytest.approx(2000 / 560)
+    assert cap["bench_inference_ms_per_image"] == pytest.approx(2.0)  # 1.6 cores at 800 images/s
+    assert cap["outside_inference_budget_ms"] == pytest.approx(2000 / 560 - 2.0)
+
+    r.engine = [_point(1, 900.0, None), _point(4, 800.0, 1.6)]  # best is the first size: its CPU is unknown
+    cap = e2e.cpu_ceiling(r)  # type: ignore[arg-type]
+    assert cap["budget_ms_per_slice"] == pytest.approx(2000 / 630)
+    assert math.isnan(cap["bench_inference_ms_per_image"]) and math.isnan(cap["outside_inference_budget_ms"])
