@@ -78,6 +78,7 @@ from pynetdicom.utils import make_target
 from edged import logs
 from edged.dicom.contexts import require_pynetdicom
 from edged.dicom.negotiation import AcceptMemo, RequestMemo
+from edged.dicom.reactor import AcceptorAssociation
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.association import Association
@@ -147,7 +148,8 @@ class Guard:
 
     def install(self, assoc: "Association") -> None:
         """Make ``assoc``'s (not yet started) DUL a :class:`GuardedDUL` (a streaming one when ``stream``
-        is set), keeping its queues and timers."""
+        is set), keeping its queues and timers, and ``assoc`` an :class:`~edged.dicom.reactor.AcceptorAssociation`
+        (its reactor without pynetdicom's 1 ms sleep per turn)."""
         dul = assoc.dul
         if self.stream is not None:
             from edged.dicom.stream import StreamingDUL  # stream imports this module
@@ -156,7 +158,8 @@ class Guard:
         else:
             dul.__class__ = GuardedDUL
         assert isinstance(dul, GuardedDUL)
-        dul.guard_setup(self)
+        dul.guard_setup(self)  # gives the association its gate, which the reactor below waits at
+        assoc.__class__ = AcceptorAssociation
 
     def violation(self, assoc: "Association", reason: str, **fields: Any) -> None:
         if self.metrics is not None:
