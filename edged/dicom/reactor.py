@@ -9,7 +9,9 @@ after a response) waits for it. Measured with a raw client on 127.0.0.1 (associa
 release; 40 in a row, medians): edged 3.7 ms to the A-ASSOCIATE-AC, 2.4-2.8 ms for the C-ECHO, 1.4 ms
 for the release, against 0.2, 0.1 and 0.05 ms for DCMTK's storescp.
 
-:class:`AcceptorAssociation` is the same loop, turn for turn, without that sleep; :meth:`Guard.install
+:class:`AcceptorAssociation` is the same loop, turn for turn, with that sleep only after a turn that served
+no message (woken for something else, or the gate's idle wait ran out): a turn that answered a request
+looks for the next one at once, and a turn that finds nothing it can take still never spins. :meth:`Guard.install
 <edged.dicom.guard.Guard.install>` gives it to each association the listener accepts (a class swap before
 the thread starts, as for the DUL). Written against pynetdicom 3.0 (``TESTED``, checked at import): on an
 upgrade compare ``_run_reactor`` with :meth:`AcceptorAssociation._run_reactor` line by line.
@@ -18,6 +20,7 @@ upgrade compare ``_run_reactor`` with :meth:`AcceptorAssociation._run_reactor` l
 from __future__ import annotations
 
 import logging
+import time
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -26,6 +29,9 @@ from edged.dicom.contexts import require_pynetdicom
 
 TESTED = ("3.0.",)
 require_pynetdicom(__name__, TESTED, "compare Association._run_reactor with AcceptorAssociation._run_reactor")
+
+#: How long a turn that served no message sleeps before the next (pynetdicom sleeps this long every turn).
+_IDLE_TURN = 0.001
 
 #: pynetdicom's own logger for these lines, as its loop logs them.
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom.association")
@@ -39,7 +45,8 @@ class AcceptorAssociation(Association):
     """
 
     def _run_reactor(self) -> None:
-        """pynetdicom 3.0's acceptor loop, each step in its order, less the ``time.sleep(0.001)``."""
+        """pynetdicom 3.0's acceptor loop, each step in its order; its ``time.sleep(0.001)`` only after a
+        turn that served no message."""
         self._is_paused = False
         while not self._kill:
             # Paused by send_*() (the reactor must not take their answers); the gate also waits for work.
@@ -87,3 +94,9 @@ class AcceptorAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+            if not msg:
+                # Woken with no message to serve and nothing that ended the association (the gate's idle
+                # wait ran out, or something is queued that no check here consumes): pynetdicom's 1 ms,
+                # so that such turns never spin.
+                time.sleep(_IDLE_TURN)
