@@ -124,15 +124,24 @@ def test_an_abort_from_the_peer_ends_the_association(listener) -> None:
     assert events == [("aborted", AcceptorAssociation)]
 
 
-def test_a_silent_peer_is_aborted_after_the_network_timeout(listener) -> None:
-    port, events, _ = listener
+def _echoes_then_waits_for_the_timeout(port: int, echoes: int) -> None:
+    """Associate, send ``echoes`` C-ECHOs (each answered Success), then say nothing: edged must abort
+    the association after its network_timeout (0.5 s) and close."""
     sock, answer = R.associate(port)
     try:
         assert answer.pdu_type == R.ASSOCIATE_AC
-        answers = R.read_until_end(sock, timeout=10)  # network_timeout is 0.5 s
+        for message_id in range(1, echoes + 1):
+            sock.sendall(R.p_data(R.pdv(1, 0x03, R.echo_rq(message_id))))
+            assert R.read_pdu(sock).dimse_status() == 0x0000
+        answers = R.read_until_end(sock, timeout=10)
         assert [a.name for a in answers][-2:] == ["A-ABORT", "closed"]
     finally:
         sock.close()
+
+
+def test_a_silent_peer_is_aborted_after_the_network_timeout(listener) -> None:
+    port, events, _ = listener
+    _echoes_then_waits_for_the_timeout(port, 0)
     _wait_for(events)
     assert events == [("aborted", AcceptorAssociation)]
 
@@ -148,15 +157,7 @@ def test_a_turn_with_nothing_to_take_sleeps_instead_of_spinning(monkeypatch: pyt
         return 0x0000
 
     with _listener(monkeypatch, on_echo) as (port, events, timeline):
-        sock, answer = R.associate(port)
-        try:
-            assert answer.pdu_type == R.ASSOCIATE_AC
-            sock.sendall(R.p_data(R.pdv(1, 0x03, R.echo_rq())))
-            assert R.read_pdu(sock).dimse_status() == 0x0000
-            answers = R.read_until_end(sock, timeout=10)  # network_timeout is 0.5 s
-            assert [a.name for a in answers][-2:] == ["A-ABORT", "closed"]
-        finally:
-            sock.close()
+        _echoes_then_waits_for_the_timeout(port, 1)
         _wait_for(events)
     assert events == [("aborted", AcceptorAssociation)]
     assert timeline.steps[0] == "serve" and timeline.steps.count("sleep") >= 10
