@@ -16,8 +16,8 @@ associations (default 1 and 4):
   in one thread per association, each paced at that round's storescp time per image, with no receiver
   CPU work (:func:`measure_ordered`); and, from edged's metrics, where its time per image went by step,
 
-and the cost of setting up an association (``echoscu`` in a loop, ``storescu`` with one file per
-association). Every DCMTK peer runs with ``TCP_NODELAY=1`` (Debian's build leaves Nagle on).
+and the cost of setting up an association (``echoscu``, then ``storescu`` with one file, one association
+each, with every receiver running and taking turns call by call). Every DCMTK peer runs with ``TCP_NODELAY=1`` (Debian's build leaves Nagle on).
 See benchmarks/README.md for what the figures mean.
 
 Run:  .venv/bin/python benchmarks/ingest.py [--count 500] [--associations 1 4] [--repeat 1]
@@ -464,8 +464,9 @@ class Throughput:
 class Setup:
     receiver: str
     repeats: int
-    echo_ms: float
+    echo_ms: float  # median ms per association of the round's calls
     store_one_ms: float
+    round: int = 0  # which round (setup rounds run every receiver at once, call by call in turn)
 
 
 @dataclass
@@ -507,7 +508,7 @@ class Results:
             self.setup.append(s)
         else:
             self.setup[self.setup.index(best)] = Setup(s.receiver, s.repeats, min(s.echo_ms, best.echo_ms),
-                                                       min(s.store_one_ms, best.store_one_ms))
+                                                       min(s.store_one_ms, best.store_one_ms), s.round)
 
 
 def split(items: Sequence[Path], parts: int) -> list[list[Path]]:
@@ -785,24 +786,51 @@ def journal_rows(db: Path) -> int:
         conn.close()
 
 
+def _run_tool(cmd: Sequence[str], cwd: Path | None = None) -> None:
+    """Run one DCMTK command; it must exit 0."""
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd, env=dcmtk_env())
+    if res.returncode != 0:
+        raise BenchError(f"{Path(cmd[0]).name} exited with {res.returncode}: {(res.stderr or res.stdout).strip()}")
+
+
 def _per_call_ms(cmds: Sequence[Sequence[str]], cwd: Path | None = None) -> float:
-    """Run ``cmds`` one after the other (each must exit 0); mean wall-clock ms per command."""
+    """Run ``cmds`` one after the other; mean wall-clock ms per command."""
     t0 = time.perf_counter()
     for cmd in cmds:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd, env=dcmtk_env())
-        if res.returncode != 0:
-            raise BenchError(f"{Path(cmd[0]).name} exited with {res.returncode}: {(res.stderr or res.stdout).strip()}")
+        _run_tool(cmd, cwd)
     return (time.perf_counter() - t0) * 1000.0 / len(cmds)
 
 
-def measure_setup(receiver: Receiver, tools: Tools, files: Sequence[Path], repeats: int) -> Setup:
-    """ms per association: ``echoscu`` ``repeats`` times, then ``storescu`` with one file, ``repeats`` times."""
-    echo = [[tools.echoscu, "-aet", CALLING_AET, "-aec", receiver.aet, HOST, str(receiver.port)]] * repeats
+def interleaved_ms(cmds: dict[str, list[list[str]]], *, run: Callable[[list[str]], None],
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """The wall-clock ms of each command, per receiver, the receivers taking turns: the i-th command of
+    each, then the (i+1)-th of each, the turn's first receiver rotating, so that every receiver's calls
+    see the same machine (its load, its page cache, its CPU frequency) and none always goes first."""
+    names = list(cmds)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(max((len(c) for c in cmds.values()), default=0)):
+        turn = names[i % len(names):] + names[:i % len(names)]
+        for name in turn:
+            if i < len(cmds[name]):
+                t0 = clock()
+                run(cmds[name][i])
+                out[name].append((clock() - t0) * 1000.0)
+    return out
+
+
+def measure_setup(receivers: Sequence[Receiver], tools: Tools, files: Sequence[Path], repeats: int,
+                  round_no: int = 0) -> list[Setup]:
+    """ms per association for every receiver at once (all running), the median of ``repeats`` calls each:
+    ``echoscu``, then ``storescu`` with one file, the receivers taking turns call by call."""
+    echo = {r.name: [[tools.echoscu, "-aet", CALLING_AET, "-aec", r.aet, HOST, str(r.port)]] * repeats
+            for r in receivers}
     # Distinct files where there are enough, so that edged never takes its (cheaper) duplicate path.
-    stores = [storescu_cmd(tools, receiver.aet, receiver.port, [files[i % len(files)]]) for i in range(repeats)]
-    echo_ms = _per_call_ms(echo)
-    store_ms = _per_call_ms(stores, cwd=files[0].parent)
-    return Setup(receiver.name, repeats, echo_ms, store_ms)
+    stores = {r.name: [storescu_cmd(tools, r.aet, r.port, [files[i % len(files)]]) for i in range(repeats)]
+              for r in receivers}
+    echo_ms = interleaved_ms(echo, run=_run_tool)
+    store_ms = interleaved_ms(stores, run=lambda cmd: _run_tool(cmd, files[0].parent))
+    return [Setup(r.name, repeats, statistics.median(echo_ms[r.name]), statistics.median(store_ms[r.name]), round_no)
+            for r in receivers]
 
 
 def tool_start_ms(tools: Tools, repeats: int) -> float:
@@ -889,13 +917,15 @@ def run_benchmark(args: argparse.Namespace, root: Path, tools: Tools) -> Results
                     results.add(t)
                     print(f"{t.images_per_s:8.1f} images/s", flush=True)
 
-    for label in [r for r in ("edged", "orthanc", "storescp") if r in args.receivers and args.setup_repeats]:
-        for _ in range(args.repeat):
-            print(f"  {label:<10} association setup x{args.setup_repeats} ...", end=" ", flush=True)
-            with running(makers[label](fresh(f"{label}-setup"), 1)) as receiver:
-                s = measure_setup(receiver, tools, files[: args.setup_repeats], args.setup_repeats)
+    labels = [r for r in ("edged", "orthanc", "storescp") if r in args.receivers] if args.setup_repeats else []
+    for round_no in range(args.repeat if labels else 0):
+        print(f"  association setup x{args.setup_repeats}, {', '.join(labels)} taking turns ...", flush=True)
+        with contextlib.ExitStack() as stack:
+            receivers = [stack.enter_context(running(makers[label](fresh(f"{label}-setup"), 1))) for label in labels]
+            setups = measure_setup(receivers, tools, files[: args.setup_repeats], args.setup_repeats, round_no)
+        for s in setups:
             results.add_setup(s)
-            print(f"echo {s.echo_ms:6.1f} ms, store-one {s.store_one_ms:6.1f} ms", flush=True)
+            print(f"    {s.receiver:<10} echo {s.echo_ms:6.1f} ms, store-one {s.store_one_ms:6.1f} ms", flush=True)
     if args.setup_repeats:
         results.tool_start_ms = tool_start_ms(tools, args.setup_repeats)
     return results
@@ -1131,8 +1161,8 @@ def report(results: Results) -> str:
     if results.setup:
         lines += [
             "",
-            f"association setup, ms per association ({results.setup[0].repeats} in a row, each a new DCMTK process; "
-            f"best of {results.repeat}; {results.cpu_count} CPU cores):",
+            f"association setup, ms per association (median of {results.setup[0].repeats}, each a new DCMTK process, "
+            f"the receivers taking turns call by call; best of {results.repeat} rounds; {results.cpu_count} CPU cores):",
             f"{'receiver':<12} {'echoscu':>9} {'storescu 1 file':>16}",
             f"{'-' * 12} {'-' * 9} {'-' * 16}",
         ]
@@ -1145,8 +1175,30 @@ def report(results: Results) -> str:
         if "edged" in by and "orthanc" in by:
             e, o = by["edged"], by["orthanc"]
             lines.append(f"{'edged/orthanc':<12} {_ratio(e.echo_ms, o.echo_ms):>9} {_ratio(e.store_one_ms, o.store_one_ms):>16}")
+        lines += _setup_round_lines(results)
         lines.append(f"(included in every figure above: starting and exiting echoscu --version takes {results.tool_start_ms:.1f} ms)")
     return "\n".join(lines)
+
+
+def setup_round_ratios(results: Results, receiver: str, other: str) -> tuple[list[float], list[float]]:
+    """``receiver``'s ms per association over ``other``'s within each setup round: (echoscu, storescu)."""
+    rounds: dict[int, dict[str, Setup]] = {}
+    for s in results.setup_runs:
+        rounds.setdefault(s.round, {})[s.receiver] = s
+    pairs = [(r[receiver], r[other]) for _, r in sorted(rounds.items()) if receiver in r and other in r]
+    return ([a.echo_ms / b.echo_ms for a, b in pairs if b.echo_ms],
+            [a.store_one_ms / b.store_one_ms for a, b in pairs if b.store_one_ms])
+
+
+def _setup_round_lines(results: Results) -> list[str]:
+    lines: list[str] = []
+    for other in ("storescp", "orthanc"):
+        echo, store = setup_round_ratios(results, "edged", other)
+        if len(echo) > 1:
+            lines.append(f"  edged/{other} round by round: echoscu {', '.join(f'{r:.2f}x' for r in echo)} "
+                         f"(median {statistics.median(echo):.2f}x); storescu 1 file "
+                         f"{', '.join(f'{r:.2f}x' for r in store)} (median {statistics.median(store):.2f}x)")
+    return lines
 
 
 def to_json(results: Results) -> dict[str, Any]:
@@ -1194,7 +1246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent associations to measure, each a separate storescu process sending 1/K of "
                         "the files (default: 1 4)")
     p.add_argument("--setup-repeats", type=int, default=30, metavar="R",
-                   help="associations opened in a row for the association-setup figures (default: 30; 0: skip)")
+                   help="associations per receiver for the association-setup figures, the receivers taking turns "
+                        "(default: 30; 0: skip)")
     p.add_argument("--repeat", type=_positive, default=1, metavar="N",
                    help="rounds of every measurement; the best of the rounds is reported, every run listed "
                         "(default: 1). Use 3 or more on a shared machine")

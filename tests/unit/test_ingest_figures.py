@@ -334,3 +334,30 @@ def test_ordered_round_by_round() -> None:
     assert "4 assoc., edged/ordered round by round: 0.75x, 0.50x (median 0.62x)" in lines
     row = next(x for x in ingest.to_json(r)["ratios"] if x["associations"] == 4)
     assert row["ordered_over_disk_limit_rounds"] == [0.4, 0.8] and row["edged_over_ordered_median_round"] == 0.625
+
+
+def test_setup_calls_take_turns_with_the_first_receiver_rotating() -> None:
+    ran: list[str] = []
+    now = [0.0]
+
+    def run(cmd: list[str]) -> None:
+        ran.append(cmd[0])
+        now[0] += {"edged": 0.005, "storescp": 0.004, "orthanc": 0.006}[cmd[0]]
+
+    cmds = {name: [[name]] * 3 for name in ("edged", "orthanc", "storescp")}
+    ms = ingest.interleaved_ms(cmds, run=run, clock=lambda: now[0])
+    assert ran == ["edged", "orthanc", "storescp", "orthanc", "storescp", "edged", "storescp", "edged", "orthanc"]
+    assert ms["edged"] == pytest.approx([5.0] * 3) and ms["storescp"] == pytest.approx([4.0] * 3)
+
+
+def test_setup_ratios_are_taken_within_each_round_and_the_best_round_kept() -> None:
+    r = _results()
+    for setup in (ingest.Setup("edged", 30, 50.0, 60.0, 0), ingest.Setup("storescp", 30, 40.0, 40.0, 0),
+                  ingest.Setup("edged", 30, 44.0, 66.0, 1), ingest.Setup("storescp", 30, 44.0, 55.0, 1)):
+        r.add_setup(setup)
+    echo, store = ingest.setup_round_ratios(r, "edged", "storescp")
+    assert echo == pytest.approx([1.25, 1.0]) and store == pytest.approx([1.5, 1.2])
+    best = {s.receiver: s for s in r.setup}
+    assert (best["edged"].echo_ms, best["edged"].store_one_ms) == (44.0, 60.0)
+    assert any("edged/storescp round by round" in line and "(median 1.35x)" in line
+               for line in ingest._setup_round_lines(r))
