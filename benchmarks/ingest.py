@@ -73,6 +73,8 @@ RECEIVERS = ("edged", "orthanc", "storescp", "disk")
 #: The rows of the throughput table, in order ("disk" measures "disk limit", "disk+journal" and, after
 #: storescp in the same round, "ordered").
 ROWS = ("edged", "orthanc", "storescp", "disk limit", "disk+journal", "ordered")
+#: The (receiver, other) ratios given round by round, in the report and in the JSON.
+ROUND_PAIRS = (("edged", "orthanc"), ("edged", "disk limit"), ("ordered", "disk limit"), ("edged", "ordered"))
 #: The speed issue's target at 1 association: edged >= this x the disk limit.
 TARGET_OVER_DISK_LIMIT = 0.6
 
@@ -958,17 +960,20 @@ def ratios(results: Results) -> list[dict[str, Any]]:
         if p is not None:
             row["edged_over_ordered"] = round(e.images_per_s / p.images_per_s, 3) if e else None
             row["ordered_over_disk_limit"] = round(p.images_per_s / d.images_per_s, 3) if d else None
-            for receiver, other, key in (("edged", "ordered", "edged_over_ordered"),
-                                         ("ordered", "disk limit", "ordered_over_disk_limit")):
-                each = round_ratios(results, receiver, other, n)
-                row[f"{key}_rounds"] = [round(x, 3) for x in each]
-                row[f"{key}_median_round"] = round(statistics.median(each), 3) if each else None
-        for other, key in (("orthanc", "orthanc"), ("disk limit", "disk_limit")):
-            each = round_ratios(results, "edged", other, n)
-            row[f"edged_over_{key}_rounds"] = [round(x, 3) for x in each]
-            row[f"edged_over_{key}_median_round"] = round(statistics.median(each), 3) if each else None
+        for receiver, other in ROUND_PAIRS:
+            if p is None and "ordered" in (receiver, other):
+                continue
+            key = f"{receiver}_over_{other.replace(' ', '_')}"
+            each = round_ratios(results, receiver, other, n)
+            row[f"{key}_rounds"] = [round(x, 3) for x in each]
+            row[f"{key}_median_round"] = round(statistics.median(each), 3) if each else None
         out.append(row)
     return out
+
+
+def _each_and_median(each: Sequence[float]) -> str:
+    """Ratios as the report lists them round by round: "1.10x, 1.20x (median 1.15x)"."""
+    return ", ".join(f"{x:.2f}x" for x in each) + f" (median {statistics.median(each):.2f}x)"
 
 
 def _round_lines(results: Results) -> list[str]:
@@ -976,12 +981,10 @@ def _round_lines(results: Results) -> list[str]:
     the 'ordered' loop's, to the disk limit and from edged."""
     lines: list[str] = []
     for n in sorted({t.associations for t in results.throughput}):
-        for receiver, other in (("edged", "orthanc"), ("edged", "disk limit"), ("ordered", "disk limit"),
-                                ("edged", "ordered")):
+        for receiver, other in ROUND_PAIRS:
             each = round_ratios(results, receiver, other, n)
             if len(each) > 1:
-                lines.append(f"  {n} assoc., {receiver}/{other.replace(' ', '-')} round by round: "
-                             + ", ".join(f"{x:.2f}x" for x in each) + f" (median {statistics.median(each):.2f}x)")
+                lines.append(f"  {n} assoc., {receiver}/{other.replace(' ', '-')} round by round: {_each_and_median(each)}")
     if lines:
         lines.insert(0, "(the same ratios within each round, the receivers measured one right after the other:)")
     return lines
@@ -1195,9 +1198,8 @@ def _setup_round_lines(results: Results) -> list[str]:
     for other in ("storescp", "orthanc"):
         echo, store = setup_round_ratios(results, "edged", other)
         if len(echo) > 1:
-            lines.append(f"  edged/{other} round by round: echoscu {', '.join(f'{r:.2f}x' for r in echo)} "
-                         f"(median {statistics.median(echo):.2f}x); storescu 1 file "
-                         f"{', '.join(f'{r:.2f}x' for r in store)} (median {statistics.median(store):.2f}x)")
+            lines.append(f"  edged/{other} round by round: echoscu {_each_and_median(echo)}; "
+                         f"storescu 1 file {_each_and_median(store)}")
     return lines
 
 
